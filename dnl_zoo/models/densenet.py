@@ -1,0 +1,346 @@
+"""DenseNet (Huang et al., 2017) in Flax NNX, NHWC.
+
+A dense block builds a history x_0, x_1, ..., x_N in which every new feature map
+reads all earlier ones:
+
+    x_n = H_n([x_0, x_1, ..., x_{n-1}])
+
+with H_n = Conv3x3(ReLU(BN(.))) for the original layer, and
+H_n = Conv3x3(ReLU(BN(Conv1x1(ReLU(BN(.)))))) for the bottleneck (B) layer. Each
+x_n has k channels (the growth rate). Transitions between blocks apply
+BN-ReLU-Conv1x1 and 2x2 average pooling; with compression (C) they keep
+floor(theta * C) of C channels. This is the h = 1, local-transform case of the
+dense non-local (DNL) equation in docs/dnl.md.
+
+Two stems cover the published networks: 'cifar' (one 3x3 convolution, for 28x28
+or 32x32 input) and 'imagenet' (7x7 stride-2 convolution, BN, ReLU, 3x3 stride-2
+max pooling).
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dnl_zoo.models import layers
+
+Array = jax.Array
+
+
+class DenseLayer(nnx.Module):
+    """One dense layer: k new channels from the concatenated history."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        growth_rate: int,  # k
+        *,
+        bottleneck: bool,
+        bottleneck_width: int = 4,
+        dropout_rate: float = 0.0,
+        activation: str = "relu",
+        norm_epsilon: float = 1e-5,
+        norm_momentum: float = 0.9,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        norm = dict(epsilon=norm_epsilon, momentum=norm_momentum, dtype=dtype)
+        self.bottleneck = bottleneck
+        self.activation = activation
+        self.norm1 = layers.batch_norm(in_channels, **norm, rngs=rngs)
+        if bottleneck:
+            width = bottleneck_width * growth_rate
+            self.conv1 = layers.pointwise(in_channels, width, dtype=dtype, rngs=rngs)
+            self.norm2 = layers.batch_norm(width, **norm, rngs=rngs)
+            self.conv2 = layers.conv3x3(width, growth_rate, dtype=dtype, rngs=rngs)
+        else:
+            self.conv1 = layers.conv3x3(
+                in_channels, growth_rate, dtype=dtype, rngs=rngs
+            )
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, history: Array) -> Array:
+        """Maps (batch, H, W, c_0 + (n-1) k) history to (batch, H, W, k)."""
+        act = layers.get_activation(self.activation)
+        y = self.dropout(self.conv1(act(self.norm1(history))))
+        if self.bottleneck:
+            y = self.dropout(self.conv2(act(self.norm2(y))))
+        return y
+
+
+class DenseBlock(nnx.Module):
+    """N dense layers; returns the whole history [x_0, x_1, ..., x_N]."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_layers: int,  # N
+        growth_rate: int,  # k
+        *,
+        rngs: nnx.Rngs,
+        **layer_kwargs,
+    ):
+        self.layers = nnx.List(
+            [
+                DenseLayer(
+                    in_channels + n * growth_rate,
+                    growth_rate,
+                    rngs=rngs,
+                    **layer_kwargs,
+                )
+                for n in range(num_layers)
+            ]
+        )
+
+    def __call__(self, x0: Array) -> Array:
+        """Maps (batch, H, W, c_0) to (batch, H, W, c_0 + N k)."""
+        history = x0
+        for layer in self.layers:
+            history = jnp.concatenate([history, layer(history)], axis=-1)
+        return history
+
+
+class Transition(nnx.Module):
+    """BN-ReLU-Conv1x1 to `out_channels`, then 2x2 average pooling."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        activation: str = "relu",
+        norm_epsilon: float = 1e-5,
+        norm_momentum: float = 0.9,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        self.activation = activation
+        self.norm = layers.batch_norm(
+            in_channels,
+            epsilon=norm_epsilon,
+            momentum=norm_momentum,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.conv = layers.pointwise(in_channels, out_channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        """Maps (batch, H, W, C) to (batch, H // 2, W // 2, out_channels)."""
+        act = layers.get_activation(self.activation)
+        y = self.conv(act(self.norm(x)))
+        return nnx.avg_pool(y, window_shape=(2, 2), strides=(2, 2))
+
+
+class Stem(nnx.Module):
+    """The first convolution: 'cifar' (3x3) or 'imagenet' (7x7/2, BN, max pool)."""
+
+    def __init__(
+        self,
+        kind: str,
+        in_channels: int,
+        out_channels: int,
+        *,
+        activation: str = "relu",
+        norm_epsilon: float = 1e-5,
+        norm_momentum: float = 0.9,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        if kind not in ("cifar", "imagenet"):
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {kind!r}")
+        self.kind = kind
+        self.activation = activation
+        if kind == "cifar":
+            self.conv = layers.conv3x3(
+                in_channels, out_channels, dtype=dtype, rngs=rngs
+            )
+            return
+        self.conv = nnx.Conv(
+            in_channels,
+            out_channels,
+            kernel_size=(7, 7),
+            strides=(2, 2),
+            padding=((3, 3), (3, 3)),
+            use_bias=False,
+            kernel_init=layers.conv_init,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.norm = layers.batch_norm(
+            out_channels,
+            epsilon=norm_epsilon,
+            momentum=norm_momentum,
+            dtype=dtype,
+            rngs=rngs,
+        )
+
+    @property
+    def downsampling(self) -> int:
+        """How many times smaller the stem's output is than its input."""
+        return 1 if self.kind == "cifar" else 4
+
+    def __call__(self, x: Array) -> Array:
+        """Maps (batch, H, W, in) to (batch, H / s, W / s, out), s = downsampling."""
+        y = self.conv(x)
+        if self.kind == "cifar":
+            return y
+        y = layers.get_activation(self.activation)(self.norm(y))
+        # Padding with -inf keeps the max exact; after ReLU, zero padding (as in
+        # Keras) gives the same result.
+        y = jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+        return nnx.max_pool(y, window_shape=(3, 3), strides=(2, 2))
+
+
+class DenseNet(nnx.Module):
+    """Stem, dense blocks joined by transitions, BN-ReLU, global pool, classifier.
+
+    Args:
+      block_config: layers per dense block, e.g. (6, 12, 24, 16).
+      growth_rate: k, channels each layer adds.
+      num_init_features: channels out of the stem (2k for CIFAR DenseNet-BC).
+      bottleneck: use the B layer (1x1 to bottleneck_width * k, then 3x3).
+      compression: theta; a transition keeps floor(theta * C) channels.
+      stem: 'cifar' or 'imagenet'.
+      in_channels: image channels (1 for Fashion-MNIST, 3 for RGB).
+      num_classes: outputs of the classifier.
+    """
+
+    def __init__(
+        self,
+        *,
+        block_config: Sequence[int],
+        growth_rate: int,
+        num_init_features: int,
+        bottleneck: bool = True,
+        bottleneck_width: int = 4,
+        compression: float = 0.5,  # theta
+        stem: str = "cifar",
+        in_channels: int = 3,
+        num_classes: int = 10,
+        dropout_rate: float = 0.0,
+        activation: str = "relu",
+        norm_epsilon: float = 1e-5,
+        norm_momentum: float = 0.9,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        _check_architecture(block_config, growth_rate, compression, num_classes)
+        layers.get_activation(activation)
+        common = dict(
+            activation=activation,
+            norm_epsilon=norm_epsilon,
+            norm_momentum=norm_momentum,
+            dtype=dtype,
+        )
+        self.in_channels = in_channels
+        self.activation = activation
+        self.stem = Stem(stem, in_channels, num_init_features, **common, rngs=rngs)
+
+        blocks, transitions = [], []
+        channels = num_init_features
+        for b, num_layers in enumerate(block_config):
+            blocks.append(
+                DenseBlock(
+                    channels,
+                    num_layers,
+                    growth_rate,
+                    bottleneck=bottleneck,
+                    bottleneck_width=bottleneck_width,
+                    dropout_rate=dropout_rate,
+                    **common,
+                    rngs=rngs,
+                )
+            )
+            channels += num_layers * growth_rate
+            if b < len(block_config) - 1:
+                out = int(compression * channels)
+                transitions.append(Transition(channels, out, **common, rngs=rngs))
+                channels = out
+        self.blocks = nnx.List(blocks)
+        self.transitions = nnx.List(transitions)
+        self.norm_final = layers.batch_norm(
+            channels,
+            epsilon=norm_epsilon,
+            momentum=norm_momentum,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.classifier = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs)
+        self.num_features = channels
+
+    @property
+    def min_input_size(self) -> int:
+        """Smallest height and width that every pooling stage can halve."""
+        return self.stem.downsampling * 2 ** len(self.transitions)
+
+    def features(self, x: Array) -> Array:
+        """Maps images (batch, H, W, in) to pooled features (batch, num_features)."""
+        layers.check_images(
+            x,
+            in_channels=self.in_channels,
+            min_size=self.min_input_size,
+            model=type(self).__name__,
+        )
+        y = self.stem(x)
+        for b, block in enumerate(self.blocks):
+            y = block(y)
+            if b < len(self.transitions):
+                y = self.transitions[b](y)
+        y = layers.get_activation(self.activation)(self.norm_final(y))
+        return jnp.mean(y, axis=(1, 2))
+
+    def __call__(self, x: Array) -> Array:
+        """Maps images (batch, H, W, in) to logits (batch, num_classes)."""
+        return self.classifier(self.features(x))
+
+
+def _check_architecture(block_config, growth_rate, compression, num_classes):
+    if not block_config or any(int(n) < 1 for n in block_config):
+        raise ValueError(
+            f"block_config needs at least one block of at least one layer, "
+            f"got {tuple(block_config)}"
+        )
+    if growth_rate < 1:
+        raise ValueError(f"growth_rate must be positive, got {growth_rate}")
+    if not 0.0 < compression <= 1.0:
+        raise ValueError(f"compression (theta) must be in (0, 1], got {compression}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+
+
+def cifar_block_config(depth: int, bottleneck: bool) -> tuple[int, int, int]:
+    """Layers per block of the 3-block CIFAR DenseNet of total depth L.
+
+    L counts the stem, the convolutions of every layer, the two transitions and
+    the classifier: (L - 4) / 3 layers per block, halved for bottleneck layers,
+    which hold two convolutions each.
+    """
+    per_block, rest = divmod(depth - 4, 6 if bottleneck else 3)
+    if rest or per_block < 1:
+        step = "6n + 4" if bottleneck else "3n + 4"
+        raise ValueError(
+            f"a CIFAR DenseNet{'-BC' if bottleneck else ''} needs depth L = {step} "
+            f"for a whole number n >= 1 of layers per block, got L = {depth}"
+        )
+    return (per_block,) * 3
+
+
+def cifar_densenet(
+    depth: int,  # L
+    growth_rate: int,  # k
+    *,
+    bottleneck: bool,
+    compression: float,
+    **kwargs,
+) -> DenseNet:
+    """The CIFAR DenseNet of the paper: 3 blocks, stem of 16 (or 2k for BC)."""
+    defaults = dict(
+        block_config=cifar_block_config(depth, bottleneck),
+        growth_rate=growth_rate,
+        num_init_features=2 * growth_rate if bottleneck else 16,
+        bottleneck=bottleneck,
+        compression=compression,
+        stem="cifar",
+    )
+    return DenseNet(**(defaults | kwargs))
