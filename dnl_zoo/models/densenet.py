@@ -163,7 +163,7 @@ class Stem(nnx.Module):
             strides=(2, 2),
             padding=((3, 3), (3, 3)),
             use_bias=False,
-            kernel_init=layers.conv_init,
+            kernel_init=layers.he_normal,
             dtype=dtype,
             rngs=rngs,
         )
@@ -266,7 +266,14 @@ class DenseNet(nnx.Module):
             dtype=dtype,
             rngs=rngs,
         )
-        self.classifier = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs)
+        self.classifier = nnx.Linear(
+            channels,
+            num_classes,
+            kernel_init=layers.lecun_normal,
+            bias_init=layers.zeros,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.num_features = channels
 
     @property
