@@ -1,0 +1,1 @@
+"""Benchmarks and reference implementations that dnl_zoo is measured against."""
