@@ -1,0 +1,35 @@
+"""The `dnl-zoo` command line: listing, metadata, summary and its errors."""
+
+import json
+
+from dnl_zoo import cli
+
+
+def test_models_lists_a_table_filtered_by_pattern(capsys):
+    assert cli.main(["models", "densenet_bc*"]) == 0
+    out = capsys.readouterr().out
+    assert "| densenet_bc100_k12 | 0.77M |" in out
+    assert "densenet121" not in out
+    assert cli.main(["models", "nothing*"]) == 1
+
+
+def test_info_prints_json_with_the_reference(capsys):
+    assert cli.main(["info", "densenet121"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == 7_978_856
+    assert info["reference"]["value"] == 74.98
+    assert info["pretrained"] is False
+
+
+def test_summary_builds_runs_and_reports(capsys):
+    argv = ["summary", "densenet40_k12", "--batch-size", "2", "--in-channels", "1"]
+    assert cli.main([*argv, "--image-size", "28"]) == 0
+    out = capsys.readouterr().out
+    assert "| blocks.2 (12 layers) | (2, 7, 7, 448) |" in out
+    assert "logits (2, 10)" in out
+
+
+def test_unknown_model_is_a_readable_error(capsys):
+    assert cli.main(["summary", "densenet12"]) == 2
+    err = capsys.readouterr().err
+    assert "no model named 'densenet12'; did you mean densenet121" in err
