@@ -185,7 +185,9 @@ class Stem(nnx.Module):
         y = self.conv(x)
         if self.kind == "cifar":
             return y
-        y = layers.get_activation(self.activation)(self.norm(y))
+        if self.norm is not None:  # DNL networks with norm='none' drop it
+            y = self.norm(y)
+        y = layers.get_activation(self.activation)(y)
         # Padding with -inf keeps the max exact; after ReLU, zero padding (as in
         # Keras) gives the same result.
         y = jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
