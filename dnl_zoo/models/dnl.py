@@ -302,7 +302,9 @@ class DNLNet(nnx.Module):
       num_init_features: channels out of the stem (c0 of the first block).
       horizon: T of every block.
       depth_scale: 'step' (h = T / N) or 'none' (h = 1, DenseNet).
-      transform: 'local', a non-local kernel, or 'local+<kernel>'.
+      transform: 'local', a non-local kernel, or 'local+<kernel>'; one for
+        every block, or a sequence with one per block.
+      pool: key/value pooling of the non-local transform, one or one per block.
       norm: 'batch' or 'none'.
       compression: theta of the transitions.
       transition_features: channels out of every transition. None keeps
@@ -318,10 +320,10 @@ class DNLNet(nnx.Module):
         num_init_features: int,
         horizon: float = 1.0,  # T
         depth_scale: str = "step",
-        transform: str = "local",
+        transform: str | Sequence[str] = "local",
         embed_features: int | None = None,
         num_heads: int = 1,
-        pool: int = 1,
+        pool: int | Sequence[int] = 1,
         norm: str = "batch",
         bottleneck: bool = False,
         bottleneck_width: int = 4,
@@ -341,7 +343,10 @@ class DNLNet(nnx.Module):
         # network at another depth.
         self.config = {k: v for k, v in locals().items() if k not in ("self", "rngs")}
         self.config["block_config"] = tuple(block_config)
-        parse_transform(transform)
+        transforms = _per_block(transform, block_config, "transform")
+        pools = _per_block(pool, block_config, "pool")
+        for name in transforms:
+            parse_transform(name)
         layers.get_activation(activation)
         common = dict(
             activation=activation,
@@ -355,10 +360,8 @@ class DNLNet(nnx.Module):
         if norm == "none" and stem == "imagenet":
             self.stem.norm = None
         layer_kwargs = dict(
-            transform=transform,
             embed_features=embed_features,
             num_heads=num_heads,
-            pool=pool,
             norm=norm,
             bottleneck=bottleneck,
             bottleneck_width=bottleneck_width,
@@ -374,6 +377,8 @@ class DNLNet(nnx.Module):
                 growth_rate,
                 horizon=horizon,
                 depth_scale=depth_scale,
+                transform=transforms[b],
+                pool=pools[b],
                 rngs=rngs,
                 **layer_kwargs,
             )
@@ -435,6 +440,19 @@ class DNLNet(nnx.Module):
     def __call__(self, x: Array) -> Array:
         """Maps images (batch, H, W, in) to logits (batch, num_classes)."""
         return self.classifier(self.features(x))
+
+
+def _per_block(value, block_config: Sequence[int], name: str) -> tuple:
+    """`value` repeated for every block, or checked to have one per block."""
+    if isinstance(value, (str, int)):
+        return (value,) * len(block_config)
+    value = tuple(value)
+    if len(value) != len(block_config):
+        raise ValueError(
+            f"{name} needs one value or one per block ({len(block_config)}), "
+            f"got {value}"
+        )
+    return value
 
 
 def _dnl_path(path: str, bottleneck: bool) -> str:

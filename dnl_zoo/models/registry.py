@@ -243,3 +243,67 @@ _imagenet(
         source="torchvision DenseNet161_Weights.IMAGENET1K_V1 (acc@1 77.138)",
     ),
 )
+
+
+# ---------------------------------------------------------------------------
+# Presets: the dense non-local (DNL) depth sweep (docs/dnl.md).
+# ---------------------------------------------------------------------------
+# Fashion-MNIST-sized (28x28x1), 3 blocks of N layers, k = 12, T = 1, BatchNorm,
+# no bottleneck (a norm after the aggregation would cancel h), and transitions
+# of a fixed width, so that every depth samples the same fields.
+
+SWEEP_DEPTHS = (2, 4, 8, 16, 32)
+
+_DNL_BASE = dict(
+    growth_rate=12,
+    num_init_features=24,
+    transition_features=48,
+    horizon=1.0,
+    norm="batch",
+    bottleneck=False,
+    in_channels=1,
+)
+
+_DNL_VARIANTS = {
+    # name prefix: (transform, depth_scale, extra arguments, description)
+    "dnl_conv": ("local", "step", {}, "local 3x3 transform, h = T/N"),
+    "dnl_conv_h1": ("local", "none", {}, "local 3x3 transform, h = 1 (contrast)"),
+    # Non-local where positions are few, as non-local networks do: blocks 2
+    # and 3 (14x14 with keys pooled 2x2, and 7x7); block 1 (28x28) stays local.
+    "dnl_nonlocal": (
+        ("local", "local+embedded_gaussian", "local+embedded_gaussian"),
+        "step",
+        {"pool": (1, 2, 1)},
+        "3x3 plus embedded-Gaussian non-local in blocks 2-3, h = T/N",
+    ),
+}
+
+
+def _dnl(prefix: str, num_layers: int) -> None:
+    from dnl_zoo.models import dnl
+
+    transform, depth_scale, extra, description = _DNL_VARIANTS[prefix]
+    name = f"{prefix}_n{num_layers}" if prefix != "dnl_conv_h1" else None
+    name = name or f"dnl_conv_n{num_layers}_h1"
+    register(
+        ModelSpec(
+            name=name,
+            family="dnl",
+            builder=dnl.DNLNet,
+            kwargs=_DNL_BASE
+            | extra
+            | dict(
+                block_config=(num_layers,) * 3,
+                transform=transform,
+                depth_scale=depth_scale,
+            ),
+            input_size=(28, 28, 1),
+            num_classes=10,
+            description=f"DNL, 3 blocks of N={num_layers}, {description}",
+        )
+    )
+
+
+for _prefix in _DNL_VARIANTS:
+    for _n in SWEEP_DEPTHS:
+        _dnl(_prefix, _n)
