@@ -24,6 +24,7 @@ sample.
 """
 
 import math
+import os
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -250,3 +251,27 @@ def regulariser(model: DNLNet, alpha: float, beta: float) -> jax.Array:
     if alpha == 0 and beta == 0:
         return jnp.zeros(())
     return sum(block_regulariser(b, alpha, beta) for b in model.blocks)
+
+
+def transfer_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    block_config: int | Sequence[int],
+) -> DNLNet:
+    """`transfer` between model directories (dnl_zoo.checkpoint's format).
+
+    Reads the DNLNet saved in `source`, samples it at `block_config` and saves
+    the new model to `destination`; returns the new model.
+    """
+    from dnl_zoo import checkpoint
+
+    model = checkpoint.load_model(source)
+    if not isinstance(model, DNLNet):
+        raise ValueError(
+            f"{source} holds a {type(model).__name__}; depth transfer needs a DNLNet "
+            "(a DenseNet is the h = 1 case: copy it into a DNLNet with "
+            "dnl_zoo.models.dnl.from_densenet and transition_features set)"
+        )
+    new = transfer(model, block_config)
+    checkpoint.save_model(destination, new)
+    return new

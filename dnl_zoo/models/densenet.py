@@ -227,6 +227,9 @@ class DenseNet(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs,
     ):
+        # The constructor arguments, so that a saved model can be rebuilt.
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "rngs")}
+        self.config["block_config"] = tuple(block_config)
         _check_architecture(block_config, growth_rate, compression, num_classes)
         layers.get_activation(activation)
         common = dict(
