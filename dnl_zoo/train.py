@@ -1,0 +1,519 @@
+"""Training and evaluation: one trainer for every registered model.
+
+Read top to bottom: `create_model`, `create_optimizer`, `Trainer` (the mesh or
+pmap replicas, the compiled steps), `train_and_evaluate` (the loop, metrics,
+checkpoints and resume).
+
+Data parallelism, as `config.parallelism` says:
+- 'jit' (default): a 1-D mesh over every device with axis 'data'; the batch is
+  split on it and the parameters are replicated (`NamedSharding`). XLA computes
+  BatchNorm statistics over the global batch.
+- 'pmap': one replica per device; gradients and BatchNorm statistics are
+  averaged over the axis 'data' with collectives.
+Several processes (`jax.distributed`) each feed their share of the batch.
+
+A run saves its whole state (parameters, statistics, optimiser, step) with
+Orbax every `checkpoint.every_steps` steps and at the end, keeps the last few
+and the best by eval accuracy, and resumes from its workdir by itself. The
+input order is a function of (seed, step), so a resumed run sees the batches
+that the interrupted one would have seen.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dnl_zoo import depth
+from dnl_zoo.models import layers, registry
+from dnl_zoo.models.dnl import DNLNet
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss stops being finite; names the step."""
+
+
+def create_model(config: ml_collections.ConfigDict, info) -> nnx.Module:
+    """The registered model of `config.model`, sized for the dataset."""
+    overrides = dict(config.model.overrides)
+    overrides.setdefault("in_channels", info.image_shape[-1])
+    if config.compute_dtype != "float32":
+        overrides["dtype"] = jnp.dtype(config.compute_dtype)
+    return registry.create_model(
+        config.model.name,
+        num_classes=info.num_classes,
+        seed=config.seed,
+        **overrides,
+    )
+
+
+def create_optimizer(config, total_steps: int, steps_per_epoch: int):
+    """The optax transform and its learning-rate schedule."""
+    opt, sched = config.optimizer, config.schedule
+    warmup = int(sched.warmup_epochs * steps_per_epoch)
+    lr = opt.learning_rate
+    if sched.name == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0 if warmup else lr, lr, warmup, max(total_steps, warmup + 1)
+        )
+    elif sched.name in ("step", "constant"):
+        bounds = sched.boundaries if sched.name == "step" else ()
+        # join_schedules hands the second schedule the steps since warm-up.
+        schedule = optax.piecewise_constant_schedule(
+            lr, {int(b * total_steps) - warmup: sched.decay_factor for b in bounds}
+        )
+        if warmup:
+            ramp = optax.linear_schedule(0.0, lr, warmup)
+            schedule = optax.join_schedules([ramp, schedule], [warmup])
+    else:
+        raise ValueError(
+            f"schedule.name must be 'cosine', 'step' or 'constant', got {sched.name!r}"
+        )
+    if opt.name == "sgd":
+        tx = optax.chain(
+            optax.add_decayed_weights(opt.weight_decay),
+            optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov),
+        )
+    elif opt.name == "adamw":
+        tx = optax.adamw(schedule, weight_decay=opt.weight_decay)
+    else:
+        raise ValueError(f"optimizer.name must be 'sgd' or 'adamw', got {opt.name!r}")
+    return tx, schedule
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy: logits (batch, classes), labels (batch,)."""
+    logits = logits.astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
+    """Summed loss, top-1 and top-5 hits and count over the real examples."""
+    logits = logits.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    mask = mask.astype(jnp.float32)
+    return {
+        "loss": jnp.sum(losses * mask),
+        "top1": jnp.sum((top5[:, 0] == labels) * mask),
+        "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def _set_batch_norm_axis(model: nnx.Module, axis_name: str | None) -> None:
+    for _, module in model.iter_modules():
+        if isinstance(module, layers.BatchNorm):
+            module.axis_name = axis_name
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Compiled train and eval steps over (graphdef, state) of model+optimizer."""
+
+    config: ml_collections.ConfigDict
+    graphdef: nnx.GraphDef
+    devices: list  # every device of every process for 'jit', local for 'pmap'
+
+    @functools.cached_property
+    def mesh(self) -> jax.sharding.Mesh:
+        return jax.sharding.Mesh(np.array(self.devices), ("data",))
+
+    @property
+    def pmap(self) -> bool:
+        return self.config.parallelism == "pmap"
+
+    def _loss(self, model, batch):
+        logits = model(batch["image"])
+        loss = cross_entropy(logits, batch["label"])
+        reg = self.config.regulariser
+        if (reg.alpha or reg.beta) and isinstance(model, DNLNet):
+            loss = loss + depth.regulariser(model, reg.alpha, reg.beta)
+        return loss, logits
+
+    def _train_step(self, state, batch):
+        model, optimizer = nnx.merge(self.graphdef, state)
+        model.train()
+        grad_fn = nnx.value_and_grad(self._loss, has_aux=True)
+        (loss, logits), grads = grad_fn(model, batch)
+        if self.pmap:
+            grads, loss = jax.lax.pmean((grads, loss), "data")
+        optimizer.update(model, grads)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        if self.pmap:
+            accuracy = jax.lax.pmean(accuracy, "data")
+        return nnx.state((model, optimizer)), {"loss": loss, "accuracy": accuracy}
+
+    def _eval_step(self, state, batch):
+        model, _ = nnx.merge(self.graphdef, state)
+        model.eval()
+        sums = eval_sums(model(batch["image"]), batch["label"], batch["mask"])
+        return jax.lax.psum(sums, "data") if self.pmap else sums
+
+    @functools.cached_property
+    def train_step(self):
+        if self.pmap:
+            return jax.pmap(
+                self._train_step,
+                axis_name="data",
+                donate_argnums=0,
+                devices=self.devices,
+            )
+        return jax.jit(self._train_step, donate_argnums=0)
+
+    @functools.cached_property
+    def eval_step(self):
+        if self.pmap:
+            return jax.pmap(self._eval_step, axis_name="data", devices=self.devices)
+        return jax.jit(self._eval_step)
+
+    def place_state(self, state):
+        """Replicates a host state onto the devices (stacked for pmap)."""
+        if self.pmap:
+            n = len(self.devices)
+            return jax.tree.map(lambda x: jnp.stack([x] * n), state)
+        return jax.device_put(state, NamedSharding(self.mesh, P()))
+
+    def host_state(self, state):
+        """The state as one copy, whatever the parallelism (for saving)."""
+        return jax.tree.map(lambda x: x[0], state) if self.pmap else state
+
+    def place_batch(self, batch: dict) -> dict:
+        """This process's share of a global batch, onto its devices."""
+        if self.pmap:
+            n = len(self.devices)
+            return {
+                k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()
+            }
+        sharding = NamedSharding(self.mesh, P("data"))
+        return {
+            k: jax.make_array_from_process_local_data(sharding, v)
+            for k, v in batch.items()
+        }
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------
+
+
+def _to_saveable(state):
+    """PRNG keys as their raw words: Orbax stores plain arrays."""
+    return jax.tree.map(
+        lambda x: (
+            jax.random.key_data(x)
+            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+            else x
+        ),
+        state,
+    )
+
+
+def _from_saveable(saved, like):
+    return jax.tree.map(
+        lambda s, x: (
+            jax.random.wrap_key_data(s, impl=jax.random.key_impl(x))
+            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+            else s
+        ),
+        saved,
+        like,
+    )
+
+
+def checkpoint_manager(workdir: pathlib.Path, config):
+    """Orbax manager: keep the last `keep` checkpoints and the best by accuracy."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers as policies
+
+    keep = [policies.LatestN(config.checkpoint.keep)]
+    if config.checkpoint.keep_best:
+        keep.append(
+            policies.BestN(
+                get_metric_fn=lambda m: m["accuracy"],
+                reverse=True,
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(keep),
+        enable_async_checkpointing=False,
+        create=True,
+    )
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+
+
+def save(manager, step: int, state, meta: dict, metrics: dict | None) -> None:
+    """Writes one checkpoint; Orbax renames it into place only when complete."""
+    import orbax.checkpoint as ocp
+
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(_to_saveable(state)),
+        meta=ocp.args.JsonSave(meta),
+    )
+    manager.save(step, args=args, metrics=metrics)
+    manager.wait_until_finished()
+
+
+def restore(manager, step: int, like) -> tuple[object, dict]:
+    """The state saved at `step`, laid out like `like` (any device count)."""
+    import orbax.checkpoint as ocp
+
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(like))
+    args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+    )
+    try:
+        restored = manager.restore(step, args=args)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as error:
+        directory = manager.directory / str(step)
+        raise CheckpointDamagedError(
+            f"the checkpoint of step {step} in {directory} cannot be read ({error}). "
+            "Delete that step's directory to resume from the one before."
+        ) from None
+    return _from_saveable(restored["state"], like), restored["meta"]
+
+
+class CheckpointDamagedError(RuntimeError):
+    """Raised when a training checkpoint is truncated or altered."""
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------
+
+
+class Log:
+    """Lines for people on stdout and the same values as JSONL; process 0 only."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+
+    def info(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def row(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(values.items()))
+        print(f"[{step}] {text}", flush=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _check_batch(config) -> None:
+    devices = jax.device_count()
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % devices:
+            raise ValueError(
+                f"{key}={config[key]} does not divide over {devices} devices; "
+                f"use a multiple of {devices}, e.g. "
+                f"--config.{key}={devices * max(1, config[key] // devices)}"
+            )
+
+
+def evaluate(trainer: Trainer, state, loader) -> dict:
+    """Loss, top-1 and top-5 accuracy (%) over a whole eval split."""
+    totals = None
+    for batch in loader.eval_batches():
+        sums = trainer.eval_step(state, trainer.place_batch(batch))
+        sums = jax.tree.map(lambda x: float(np.asarray(x).ravel()[0]), sums)
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+    count = totals["count"]
+    return {
+        "eval_loss": totals["loss"] / count,
+        "eval_top1": 100.0 * totals["top1"] / count,
+        "eval_top5": 100.0 * totals["top5"] / count,
+    }
+
+
+def _loaders(config, info):
+    from dnl_zoo import data as data_lib
+
+    name, data_dir = config.dataset.name, config.dataset.data_dir or None
+    augment = info.augment if config.dataset.augment == "default" else None
+    if config.dataset.augment not in ("default", "none"):
+        augment = config.dataset.augment
+    common = dict(
+        mean=info.mean,
+        std=info.std,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    train = data_lib.Loader(
+        data_lib.load_source(name, info.train_split, data_dir),
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        train=True,
+        augment=augment,
+        **common,
+    )
+    split = config.dataset.eval_split or info.eval_split
+    evaluation = data_lib.Loader(
+        data_lib.load_source(name, split, data_dir),
+        global_batch_size=config.eval_batch_size,
+        seed=0,
+        train=False,
+        augment=None,
+        **common,
+    )
+    return train, evaluation
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints).
+
+    Returns:
+      The metrics of the final evaluation, with `step`.
+    """
+    from dnl_zoo import data as data_lib
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = Log(workdir)
+    _check_batch(config)
+    info = data_lib.DATASETS[config.dataset.name]
+    train_loader, eval_loader = _loaders(config, info)
+    steps_per_epoch = train_loader.steps_per_epoch
+    total = config.num_train_steps
+    if total <= 0:
+        total = math.ceil(config.num_epochs * steps_per_epoch)
+    every_eval = (
+        config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+    )
+
+    model = create_model(config, info)
+    if config.parallelism == "pmap":
+        _set_batch_norm_axis(model, "data")
+    elif config.parallelism != "jit":
+        raise ValueError(
+            f"parallelism must be 'jit' or 'pmap', got {config.parallelism!r}"
+        )
+    tx, schedule = create_optimizer(config, total, steps_per_epoch)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    pmap = config.parallelism == "pmap"
+    trainer = Trainer(config, graphdef, jax.local_devices() if pmap else jax.devices())
+    mesh = trainer.mesh
+    manager = checkpoint_manager(workdir, config)
+    start = 0
+    if manager.latest_step() is not None:
+        state, meta = restore(manager, manager.latest_step(), state)
+        start = meta["step"]
+        log.info(f"resumed from {manager.directory / str(start)} at step {start}")
+    state = trainer.place_state(state)
+
+    log.info(f"config:\n{config}")
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    log.info(
+        f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+        f"devices, {jax.process_count()} process(es); global batch "
+        f"{config.batch_size}, per device {config.batch_size // jax.device_count()}; "
+        f"{params:,} parameters; {steps_per_epoch} steps per epoch, {total} steps"
+    )
+    return _loop(
+        config,
+        trainer,
+        state,
+        manager,
+        log,
+        train_loader,
+        eval_loader,
+        schedule,
+        start,
+        total,
+        every_eval,
+    )
+
+
+def _loop(
+    config,
+    trainer,
+    state,
+    manager,
+    log,
+    train_loader,
+    eval_loader,
+    schedule,
+    start,
+    total,
+    every_eval,
+) -> dict:
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total,
+        initial=start,
+        disable=not (config.progress_bar and log.enabled),
+        file=sys.stderr,
+        unit="step",
+    )
+    window_start, window_images, result = time.perf_counter(), 0, {}
+    for step in range(start, total):
+        batch = trainer.place_batch(train_loader.batch(step))
+        if step == start:
+            log.info(f"compiling the train step (step {step + 1})...")
+            compile_start = time.perf_counter()
+        state, metrics = trainer.train_step(state, batch)
+        loss = float(np.asarray(metrics["loss"]).ravel()[0])
+        if step == start:
+            log.info(f"compiled and ran in {time.perf_counter() - compile_start:.1f} s")
+            window_start = time.perf_counter()
+        else:
+            window_images += config.batch_size
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss became {loss} at step {step + 1}; nothing was "
+                f"saved for it, the last good checkpoint is step "
+                f"{manager.latest_step()}. Lower the learning rate or check the data."
+            )
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        row = {}
+        if done % config.log_every_steps == 0 or done == total:
+            seconds = time.perf_counter() - window_start
+            row |= {
+                "train_loss": loss,
+                "train_accuracy": float(np.asarray(metrics["accuracy"]).ravel()[0]),
+                "learning_rate": float(schedule(step)),
+                "images_per_sec": round(window_images / seconds)
+                if window_images
+                else 0,
+            }
+            window_start, window_images = time.perf_counter(), 0
+        eval_metrics = None
+        if done % every_eval == 0 or done == total:
+            eval_metrics = evaluate(trainer, state, eval_loader)
+            row |= eval_metrics
+            result = {"step": done, **eval_metrics}
+        if row:
+            bar.clear()
+            log.row(done, row)
+        if done % config.checkpoint.every_steps == 0 or done == total:
+            metrics_for_best = (
+                {"accuracy": eval_metrics["eval_top1"]} if eval_metrics else None
+            )
+            meta = {"step": done, "epoch": done / train_loader.steps_per_epoch}
+            save(manager, done, trainer.host_state(state), meta, metrics_for_best)
+    bar.close()
+    return result
