@@ -108,6 +108,79 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _initialise_distributed(args: argparse.Namespace) -> None:
+    """Joins a multi-process run: found by itself on TPU pods and SLURM."""
+    if not (args.distributed or args.coordinator):
+        return
+    if jax.default_backend() == "cpu" or args.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if args.coordinator:
+        kwargs = dict(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    jax.distributed.initialize(**kwargs)
+
+
+def _experiment(args: argparse.Namespace, overrides: list[str]):
+    from dnl_zoo import config as config_lib
+
+    config = config_lib.load(args.config)
+    return config_lib.override(config, overrides)
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Trains (or resumes) the experiment of --config in --workdir."""
+    from dnl_zoo import train
+
+    _initialise_distributed(args)
+    config = _experiment(args, overrides)
+    result = train.train_and_evaluate(config, args.workdir)
+    if jax.process_index() == 0:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Evaluates the latest checkpoint in --workdir on the eval split."""
+    from dnl_zoo import train
+
+    config = _experiment(args, overrides)
+    print(json.dumps(train.evaluate_workdir(config, args.workdir)))
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Builds the canonical TFDS dataset from local original files."""
+    from dnl_zoo import data
+
+    print(json.dumps(data.prepare(args.name, args.source, args.data_dir), indent=2))
+    return 0
+
+
+def _add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="a configs/*.py file")
+    parser.add_argument("--workdir", required=True, help="checkpoints and logs")
+    parser.epilog = (
+        "Any config key can follow as --config.KEY=VALUE, "
+        "e.g. --config.optimizer.learning_rate=0.05"
+    )
+
+
+def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-process runs")
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() (TPU pods, SLURM find the rest)",
+    )
+    group.add_argument("--coordinator", help="host:port of process 0")
+    group.add_argument("--num-processes", type=int)
+    group.add_argument("--process-id", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `dnl-zoo`."""
     parser = argparse.ArgumentParser(
@@ -136,13 +209,45 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--num-classes", type=int)
     summary.add_argument("--seed", type=int, default=0)
     summary.set_defaults(run=cmd_summary)
+
+    train = commands.add_parser("train", help="train or resume an experiment")
+    _add_experiment_arguments(train)
+    _add_distributed_arguments(train)
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a workdir's checkpoint")
+    _add_experiment_arguments(evaluate)
+    evaluate.set_defaults(run=cmd_eval)
+
+    data = commands.add_parser("data", help="datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_commands.add_parser(
+        "prepare",
+        help="build a TFDS dataset from local files (no network)",
+        description="Builds the canonical TFDS dataset (the name, version, splits "
+        "and features of tfds.load) from the original files in --source. For "
+        "fashion_mnist: apt-get install dataset-fashion-mnist, then --source "
+        "/usr/share/datasets/fashion-mnist.",
+    )
+    prepare.add_argument("name", choices=["fashion_mnist", "mnist"])
+    prepare.add_argument("--source", required=True, help="the IDX files")
+    prepare.add_argument("--data-dir", help="TFDS data_dir (TFDS's default if unset)")
+    prepare.set_defaults(run=cmd_data_prepare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs `dnl-zoo` with `argv` (sys.argv[1:] by default); returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown or (overrides and args.command not in ("train", "eval")):
+        build_parser().error(
+            f"unrecognised arguments: {' '.join(unknown or overrides)}"
+        )
     try:
+        if args.command in ("train", "eval", "data"):
+            return args.run(args, overrides)
         return args.run(args)
     except (KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) else error

@@ -114,7 +114,7 @@ def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
 
 
 def _set_batch_norm_axis(model: nnx.Module, axis_name: str | None) -> None:
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(module, layers.BatchNorm):
             module.axis_name = axis_name
 
@@ -379,6 +379,42 @@ def _loaders(config, info):
     return train, evaluation
 
 
+def build(config, info, total_steps: int, steps_per_epoch: int):
+    """The Trainer, its initial host state, the schedule and the parameter count."""
+    model = create_model(config, info)
+    if config.parallelism == "pmap":
+        _set_batch_norm_axis(model, "data")
+    elif config.parallelism != "jit":
+        raise ValueError(
+            f"parallelism must be 'jit' or 'pmap', got {config.parallelism!r}"
+        )
+    tx, schedule = create_optimizer(config, total_steps, steps_per_epoch)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    pmap = config.parallelism == "pmap"
+    trainer = Trainer(config, graphdef, jax.local_devices() if pmap else jax.devices())
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return trainer, state, schedule, params
+
+
+def evaluate_workdir(config, workdir) -> dict:
+    """Eval metrics of the latest checkpoint in `workdir`, with its step."""
+    from dnl_zoo import data as data_lib
+
+    _check_batch(config)
+    info = data_lib.DATASETS[config.dataset.name]
+    train_loader, eval_loader = _loaders(config, info)
+    trainer, state, _, _ = build(config, info, 1, train_loader.steps_per_epoch)
+    manager = checkpoint_manager(pathlib.Path(workdir), config)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}; train first"
+        )
+    state, _ = restore(manager, step, state)
+    return {"step": step, **evaluate(trainer, trainer.place_state(state), eval_loader)}
+
+
 def train_and_evaluate(config, workdir) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints).
 
@@ -401,18 +437,7 @@ def train_and_evaluate(config, workdir) -> dict:
         config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
     )
 
-    model = create_model(config, info)
-    if config.parallelism == "pmap":
-        _set_batch_norm_axis(model, "data")
-    elif config.parallelism != "jit":
-        raise ValueError(
-            f"parallelism must be 'jit' or 'pmap', got {config.parallelism!r}"
-        )
-    tx, schedule = create_optimizer(config, total, steps_per_epoch)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
-    pmap = config.parallelism == "pmap"
-    trainer = Trainer(config, graphdef, jax.local_devices() if pmap else jax.devices())
+    trainer, state, schedule, params = build(config, info, total, steps_per_epoch)
     mesh = trainer.mesh
     manager = checkpoint_manager(workdir, config)
     start = 0
@@ -423,7 +448,6 @@ def train_and_evaluate(config, workdir) -> dict:
     state = trainer.place_state(state)
 
     log.info(f"config:\n{config}")
-    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     log.info(
         f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
         f"devices, {jax.process_count()} process(es); global batch "

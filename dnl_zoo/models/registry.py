@@ -196,6 +196,20 @@ _cifar("densenet_bc250_k24", 250, 24, True, 3.62, "15.3M", "DenseNet-BC L=250, k
 _cifar("densenet_bc190_k40", 190, 40, True, 3.46, "25.6M", "DenseNet-BC L=190, k=40")
 
 
+# Not in the paper's table; the smallest BC network, for fast CPU runs.
+register(
+    ModelSpec(
+        name="densenet_bc40_k12",
+        family="densenet",
+        builder=densenet.cifar_densenet,
+        kwargs=dict(depth=40, growth_rate=12, bottleneck=True, compression=0.5),
+        input_size=(32, 32, 3),
+        num_classes=10,
+        description="DenseNet-BC L=40, k=12",
+    )
+)
+
+
 def _imagenet(name, blocks, k, init, reference):
     register(
         ModelSpec(
