@@ -112,8 +112,9 @@ def _initialise_distributed(args: argparse.Namespace) -> None:
     """Joins a multi-process run: found by itself on TPU pods and SLURM."""
     if not (args.distributed or args.coordinator):
         return
-    if jax.default_backend() == "cpu" or args.coordinator:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Before anything touches a backend: CPU devices talk through gloo (the
+    # setting only concerns the CPU client, so it is harmless on TPU and GPU).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if args.coordinator:
         kwargs = dict(

@@ -119,6 +119,18 @@ def _set_batch_norm_axis(model: nnx.Module, axis_name: str | None) -> None:
             module.axis_name = axis_name
 
 
+def _replicate(x, sharding: NamedSharding) -> jax.Array:
+    """One host array as a global array replicated over every process's devices.
+
+    (jax.device_put only reaches this process's devices.)
+    """
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        words = _replicate(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(words, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+
 @dataclasses.dataclass
 class Trainer:
     """Compiled train and eval steps over (graphdef, state) of model+optimizer."""
@@ -184,7 +196,8 @@ class Trainer:
         if self.pmap:
             n = len(self.devices)
             return jax.tree.map(lambda x: jnp.stack([x] * n), state)
-        return jax.device_put(state, NamedSharding(self.mesh, P()))
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda x: _replicate(x, sharding), state)
 
     def host_state(self, state):
         """The state as one copy, whatever the parallelism (for saving)."""
@@ -278,12 +291,16 @@ def restore(manager, step: int, like) -> tuple[object, dict]:
     )
     try:
         restored = manager.restore(step, args=args)
-    except (FileNotFoundError, ValueError, KeyError, OSError) as error:
+    # NOTE: TensorStore reports a truncated file as a bare Exception; whatever
+    # fails while reading a checkpoint is reported as damage, with its cause.
+    except Exception as error:
         directory = manager.directory / str(step)
+        first_line = str(error).splitlines()[0][:300]
         raise CheckpointDamagedError(
-            f"the checkpoint of step {step} in {directory} cannot be read ({error}). "
-            "Delete that step's directory to resume from the one before."
-        ) from None
+            f"the checkpoint of step {step} in {directory} cannot be read "
+            f"({type(error).__name__}: {first_line}). Delete that step's directory "
+            "to resume from the one before."
+        ) from error
     return _from_saveable(restored["state"], like), restored["meta"]
 
 
@@ -373,7 +390,7 @@ def _loaders(config, info):
         global_batch_size=config.eval_batch_size,
         seed=0,
         train=False,
-        augment=None,
+        augment=info.augment,  # only 'imagenet' changes eval images (centre crop)
         **common,
     )
     return train, evaluation
@@ -413,6 +430,25 @@ def evaluate_workdir(config, workdir) -> dict:
         )
     state, _ = restore(manager, step, state)
     return {"step": step, **evaluate(trainer, trainer.place_state(state), eval_loader)}
+
+
+def restore_params(config, workdir, step: int | None = None) -> dict:
+    """{path: numpy array} of the parameters and statistics in a checkpoint.
+
+    Restores onto this process's devices, whatever device count wrote it.
+    """
+    from dnl_zoo import data as data_lib
+
+    info = data_lib.DATASETS[config.dataset.name]
+    trainer, state, _, _ = build(config, info, 1, 1)
+    manager = checkpoint_manager(pathlib.Path(workdir), config)
+    state, _ = restore(manager, step or manager.latest_step(), state)
+    model, _ = nnx.merge(trainer.graphdef, state)
+    weights = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    return {
+        ".".join(map(str, path)): np.asarray(v[...])
+        for path, v in nnx.to_flat_state(weights)
+    }
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -539,5 +575,8 @@ def _loop(
             )
             meta = {"step": done, "epoch": done / train_loader.steps_per_epoch}
             save(manager, done, trainer.host_state(state), meta, metrics_for_best)
+        if eval_metrics is not None or done % config.checkpoint.every_steps == 0:
+            # Throughput counts training steps only, not evaluation or saving.
+            window_start, window_images = time.perf_counter(), 0
     bar.close()
     return result

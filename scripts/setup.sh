@@ -8,6 +8,14 @@ python=${PYTHON:-python3}
 stamp=.venv/.installed
 want=$(cat requirements/ci.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 
+# Fashion-MNIST's original files, for the offline TFDS build (Debian package).
+if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
+  echo "setup: installing Debian's dataset-fashion-mnist"
+  sudo_=""; [[ $(id -u) -ne 0 ]] && sudo_=sudo
+  $sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq dataset-fashion-mnist
+fi
+
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
   exit 0
 fi

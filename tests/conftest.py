@@ -9,3 +9,18 @@ if "xla_force_host_platform_device_count" not in _flags:
 # Keras on its numpy backend builds and runs the reference models in a second
 # or two, and shares no code path with the JAX model under test.
 os.environ["KERAS_BACKEND"] = "numpy"
+
+
+import pytest  # noqa: E402
+
+FASHION_MNIST_SOURCE = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir(tmp_path_factory) -> str:
+    """A TFDS data_dir with fashion_mnist built from Debian's IDX files, once."""
+    from dnl_zoo import data
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    data.prepare("fashion_mnist", FASHION_MNIST_SOURCE, str(data_dir))
+    return str(data_dir)

@@ -1,0 +1,195 @@
+"""Whole training runs on the real Fashion-MNIST (prepared offline): resume
+after SIGKILL, restore across device counts, damaged checkpoints, non-finite
+losses, and two processes that agree with one."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dnl_zoo import config as config_lib
+from dnl_zoo import train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "fashion_mnist_small.py"
+
+
+def overrides(data_dir, **extra) -> list[str]:
+    values = (
+        dict(
+            model_name="dnl_conv_n2",
+            num_train_steps=24,
+            batch_size=32,
+            eval_batch_size=2000,
+            every_steps=6,
+            log_every_steps=6,
+            eval_every_steps=12,
+        )
+        | extra
+    )
+    return [
+        f"--config.model.name={values['model_name']}",
+        f"--config.num_train_steps={values['num_train_steps']}",
+        f"--config.batch_size={values['batch_size']}",
+        f"--config.eval_batch_size={values['eval_batch_size']}",
+        f"--config.checkpoint.every_steps={values['every_steps']}",
+        f"--config.log_every_steps={values['log_every_steps']}",
+        f"--config.eval_every_steps={values['eval_every_steps']}",
+        f"--config.dataset.data_dir={data_dir}",
+        "--config.progress_bar=False",
+    ]
+
+
+def make_config(data_dir, **extra):
+    return config_lib.override(config_lib.load(CONFIG), overrides(data_dir, **extra))
+
+
+def cli(workdir, data_dir, devices: int = 8, extra=(), **kw) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "dnl_zoo",
+        "train",
+        "--config",
+        str(CONFIG),
+        "--workdir",
+        str(workdir),
+        *overrides(data_dir, **kw),
+        *extra,
+    ]
+
+
+def env(devices: int) -> dict:
+    return os.environ | {
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_sigkill_and_restart_end_bit_for_bit_like_one_run(tmp_path, fashion_mnist_dir):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run(cli(whole, fashion_mnist_dir), env=env(8), check=True)
+    process = subprocess.Popen(cli(broken, fashion_mnist_dir), env=env(8))
+    checkpoints = broken / "checkpoints"
+    deadline = time.time() + 300
+    while not (checkpoints / "12").exists() and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint of step 12 within 300 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (checkpoints / "24").exists(), "the run finished before the kill"
+    subprocess.run(cli(broken, fashion_mnist_dir), env=env(8), check=True)
+    config = make_config(fashion_mnist_dir)
+    assert_identical(
+        train.restore_params(config, whole), train.restore_params(config, broken)
+    )
+
+
+def test_checkpoints_restore_on_other_device_counts(tmp_path, fashion_mnist_dir):
+    config = make_config(fashion_mnist_dir, num_train_steps=6)
+    on_one = tmp_path / "one"
+    subprocess.run(
+        cli(on_one, fashion_mnist_dir, num_train_steps=6), env=env(1), check=True
+    )
+    on_eight = tmp_path / "eight"
+    train.train_and_evaluate(config, on_eight)
+    # Written on 1 device, read here on 8; and the reverse in a 1-device process.
+    eight = train.evaluate_workdir(config, on_eight)
+    one = train.evaluate_workdir(config, on_one)
+    command = [
+        sys.executable,
+        "-m",
+        "dnl_zoo",
+        "eval",
+        "--config",
+        str(CONFIG),
+        "--workdir",
+        str(on_eight),
+        *overrides(fashion_mnist_dir, num_train_steps=6),
+    ]
+    out = subprocess.run(
+        command, env=env(1), check=True, capture_output=True, text=True
+    )
+    eight_on_one = json.loads(out.stdout.strip().splitlines()[-1])
+    assert eight_on_one["eval_top1"] == pytest.approx(eight["eval_top1"], abs=1e-9)
+    assert eight_on_one["eval_loss"] == pytest.approx(eight["eval_loss"], rel=1e-5)
+    assert one["step"] == eight["step"] == 6
+    # One device and eight train the same model up to float32 rounding.
+    assert one["eval_loss"] == pytest.approx(eight["eval_loss"], rel=1e-3)
+
+
+def test_damaged_checkpoint_is_a_clear_error_and_the_previous_restores(
+    tmp_path, fashion_mnist_dir
+):
+    config = make_config(fashion_mnist_dir, num_train_steps=12)
+    train.train_and_evaluate(config, tmp_path)
+    files = [p for p in (tmp_path / "checkpoints" / "12").rglob("*") if p.is_file()]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 3])
+    with pytest.raises(train.CheckpointDamagedError, match="Delete that step"):
+        train.evaluate_workdir(config, tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "12")
+    assert train.evaluate_workdir(config, tmp_path)["step"] == 6
+
+
+def test_non_finite_loss_stops_and_names_the_step(tmp_path, fashion_mnist_dir):
+    config = make_config(fashion_mnist_dir, num_train_steps=24, every_steps=2)
+    config.optimizer.learning_rate = 1e30
+    with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
+        train.train_and_evaluate(config, tmp_path)
+
+
+def test_batch_that_does_not_divide_over_devices(tmp_path, fashion_mnist_dir):
+    config = make_config(fashion_mnist_dir, batch_size=30)
+    with pytest.raises(ValueError, match="batch_size=30 does not divide over 8"):
+        train.train_and_evaluate(config, tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(tmp_path, fashion_mnist_dir):
+    steps = dict(num_train_steps=6, every_steps=6, eval_every_steps=6)
+    single = tmp_path / "single"
+    subprocess.run(cli(single, fashion_mnist_dir, **steps), env=env(4), check=True)
+    port = free_port()
+    workers = [
+        subprocess.Popen(
+            cli(
+                tmp_path / "multi",
+                fashion_mnist_dir,
+                extra=[
+                    f"--coordinator=127.0.0.1:{port}",
+                    "--num-processes=2",
+                    f"--process-id={i}",
+                ],
+                **steps,
+            ),
+            env=env(2),
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        assert worker.wait(timeout=600) == 0
+    config = make_config(fashion_mnist_dir, **steps)
+    a = train.restore_params(config, single)
+    b = train.restore_params(config, tmp_path / "multi")
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
