@@ -44,6 +44,7 @@ def overrides(data_dir, **extra) -> list[str]:
         f"--config.log_every_steps={values['log_every_steps']}",
         f"--config.eval_every_steps={values['eval_every_steps']}",
         f"--config.dataset.data_dir={data_dir}",
+        "--config.dataset.eval_split=test[:2000]",
         "--config.progress_bar=False",
     ]
 
