@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -313,12 +314,37 @@ class CheckpointDamagedError(RuntimeError):
 # ---------------------------------------------------------------------------
 
 
+def _tensorboard_writer(directory: pathlib.Path):
+    """An event-file writer when the tensorboard package is installed, else None."""
+    try:
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    except ImportError:
+        return None
+    return EventFileWriter(str(directory))
+
+
+def _scalar_event(step: int, values: dict):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    summary = summary_pb2.Summary(
+        value=[
+            summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+            for k, v in sorted(values.items())
+        ]
+    )
+    return event_pb2.Event(step=step, wall_time=time.time(), summary=summary)
+
+
 class Log:
-    """Lines for people on stdout and the same values as JSONL; process 0 only."""
+    """Lines for people on stdout, the same values as JSONL and, when the
+    tensorboard package is installed, as TensorBoard scalars; process 0 only."""
 
     def __init__(self, workdir: pathlib.Path):
         self.enabled = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
+        self.tensorboard = _tensorboard_writer(workdir / "tensorboard")
+        if not self.enabled:
+            self.tensorboard = None
 
     def info(self, text: str) -> None:
         if self.enabled:
@@ -331,10 +357,45 @@ class Log:
         print(f"[{step}] {text}", flush=True)
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.add_event(_scalar_event(step, values))
+            self.tensorboard.flush()
 
 
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class WorkdirBusyError(RuntimeError):
+    """Raised when another live run holds the workdir."""
+
+
+def _lock_workdir(workdir: pathlib.Path) -> None:
+    """Claims `workdir` for this run (process 0); a dead holder's lock is taken.
+
+    Two runs writing one workdir would interleave their checkpoints and logs.
+    """
+    if jax.process_index() != 0:
+        return
+    lock = workdir / "run.lock"
+    if lock.exists():
+        holder = lock.read_text().strip()
+        if holder.isdigit() and int(holder) != os.getpid() and _alive(int(holder)):
+            raise WorkdirBusyError(
+                f"another run (pid {holder}) is training in {workdir}; wait for it, "
+                "stop it, or choose another --workdir"
+            )
+    lock.write_text(f"{os.getpid()}\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_batch(config) -> None:
@@ -461,6 +522,7 @@ def train_and_evaluate(config, workdir) -> dict:
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    _lock_workdir(workdir)
     log = Log(workdir)
     _check_batch(config)
     info = data_lib.DATASETS[config.dataset.name]
@@ -490,42 +552,44 @@ def train_and_evaluate(config, workdir) -> dict:
         f"{config.batch_size}, per device {config.batch_size // jax.device_count()}; "
         f"{params:,} parameters; {steps_per_epoch} steps per epoch, {total} steps"
     )
-    return _loop(
-        config,
-        trainer,
-        state,
-        manager,
-        log,
-        train_loader,
-        eval_loader,
-        schedule,
-        start,
-        total,
-        every_eval,
+    run = _Run(
+        config, trainer, manager, log, train_loader, eval_loader, schedule, total
     )
+    try:
+        return _loop(run, state, start, every_eval)
+    finally:
+        if log.enabled:
+            (workdir / "run.lock").unlink(missing_ok=True)
 
 
-def _loop(
-    config,
-    trainer,
-    state,
-    manager,
-    log,
-    train_loader,
-    eval_loader,
-    schedule,
-    start,
-    total,
-    every_eval,
-) -> dict:
+@dataclasses.dataclass
+class _Run:
+    """What the training loop reads besides the state."""
+
+    config: ml_collections.ConfigDict
+    trainer: Trainer
+    manager: object
+    log: Log
+    train_loader: object
+    eval_loader: object
+    schedule: object
+    total: int
+
+
+def _loop(run: _Run, state, start: int, every_eval: int) -> dict:
+    config, trainer, manager, log = run.config, run.trainer, run.manager, run.log
+    train_loader, eval_loader = run.train_loader, run.eval_loader
+    schedule, total = run.schedule, run.total
     from tqdm import tqdm
 
+    # Counted in images, so that the bar shows images/s beside its ETA.
     bar = tqdm(
-        total=total,
-        initial=start,
+        total=total * config.batch_size,
+        initial=start * config.batch_size,
         disable=not (config.progress_bar and log.enabled),
         file=sys.stderr,
-        unit="step",
+        unit="img",
+        unit_scale=True,
     )
     window_start, window_images, result = time.perf_counter(), 0, {}
     for step in range(start, total):
@@ -547,7 +611,7 @@ def _loop(
                 f"{manager.latest_step()}. Lower the learning rate or check the data."
             )
         done = step + 1
-        bar.update(1)
+        bar.update(config.batch_size)
         bar.set_postfix(loss=f"{loss:.3f}")
         row = {}
         if done % config.log_every_steps == 0 or done == total:

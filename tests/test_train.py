@@ -1,6 +1,10 @@
 """The trainer's data parallelism: jit over a mesh and pmap replicas give the
 losses of one device; configs and overrides; optimiser schedules."""
 
+import json
+import os
+import subprocess
+
 import jax
 import numpy as np
 import optax
@@ -100,3 +104,52 @@ def test_schedules_warm_up_and_decay():
     config.schedule.name = "linear"
     with pytest.raises(ValueError, match="'cosine', 'step' or 'constant'"):
         train.create_optimizer(config, total_steps=100, steps_per_epoch=10)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    config = config_lib.base_config()
+    config.compute_dtype = "bfloat16"
+    config.model.name = "dnl_conv_n2"
+    info = type("Info", (), {"image_shape": (8, 8, 1), "num_classes": 4})()
+    trainer, state, _, _ = train.build(config, info, 10, 10)
+    state = trainer.place_state(state)
+    batch = trainer.place_batch(synthetic_batch(0))
+    state, metrics = trainer.train_step(state, batch)
+    model, _ = nnx.merge(trainer.graphdef, state)
+    assert np.isfinite(float(metrics["loss"]))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {
+        np.dtype("float32")
+    }
+    logits = model(batch["image"])
+    assert logits.dtype == jax.numpy.bfloat16
+
+
+def test_a_second_run_in_a_busy_workdir_is_refused(tmp_path):
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / "run.lock").write_text(f"{holder.pid}\n")
+        with pytest.raises(train.WorkdirBusyError, match=f"pid {holder.pid}"):
+            train.train_and_evaluate(config_lib.base_config(), tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    # A dead holder's lock is taken over (the run then fails later, on data).
+    train._lock_workdir(tmp_path)
+    assert (tmp_path / "run.lock").read_text().strip() == str(os.getpid())
+
+
+def test_log_writes_jsonl_and_tensorboard_scalars(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    log = train.Log(tmp_path)
+    log.row(10, {"train_loss": 1.5, "learning_rate": 0.1})
+    log.row(20, {"train_loss": 1.25, "eval_top1": 50.0})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert rows == [
+        {"step": 10, "train_loss": 1.5, "learning_rate": 0.1},
+        {"step": 20, "train_loss": 1.25, "eval_top1": 50.0},
+    ]
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train_loss")]
+    assert losses == [(10, 1.5), (20, 1.25)]

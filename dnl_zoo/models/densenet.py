@@ -271,13 +271,8 @@ class DenseNet(nnx.Module):
             dtype=dtype,
             rngs=rngs,
         )
-        self.classifier = nnx.Linear(
-            channels,
-            num_classes,
-            kernel_init=layers.lecun_normal,
-            bias_init=layers.zeros,
-            dtype=dtype,
-            rngs=rngs,
+        self.classifier = layers.classifier(
+            channels, num_classes, dtype=dtype, rngs=rngs
         )
         self.num_features = channels
 

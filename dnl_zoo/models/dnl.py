@@ -399,13 +399,8 @@ class DNLNet(nnx.Module):
             momentum=norm_momentum,
             dtype=dtype,
         )
-        self.classifier = nnx.Linear(
-            channels,
-            num_classes,
-            kernel_init=layers.lecun_normal,
-            bias_init=layers.zeros,
-            dtype=dtype,
-            rngs=rngs,
+        self.classifier = layers.classifier(
+            channels, num_classes, dtype=dtype, rngs=rngs
         )
         self.num_features = channels
 

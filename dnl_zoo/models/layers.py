@@ -198,6 +198,18 @@ def pointwise(
     )
 
 
+def classifier(in_features: int, num_classes: int, *, dtype, rngs) -> nnx.Linear:
+    """The final linear layer: LeCun-normal weights, zero bias."""
+    return nnx.Linear(
+        in_features,
+        num_classes,
+        kernel_init=lecun_normal,
+        bias_init=zeros,
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
 def conv3x3(
     in_features: int,
     out_features: int,
