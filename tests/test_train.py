@@ -153,3 +153,21 @@ def test_log_writes_jsonl_and_tensorboard_scalars(tmp_path):
     events.Reload()
     losses = [(e.step, e.value) for e in events.Scalars("train_loss")]
     assert losses == [(10, 1.5), (20, 1.25)]
+
+
+def test_the_regulariser_of_the_config_joins_the_loss():
+    from dnl_zoo import depth
+
+    config = config_lib.base_config()
+    config.model.name = "dnl_conv_n2"
+    config.regulariser.update(alpha=0.5, beta=2.0)
+    info = type("Info", (), {"image_shape": (8, 8, 1), "num_classes": 4})()
+    trainer, state, _, _ = train.build(config, info, 10, 10)
+    model, _ = nnx.merge(trainer.graphdef, state)
+    batch = synthetic_batch(1)
+    loss, logits = trainer._loss(model, batch)
+    expected = train.cross_entropy(logits, batch["label"]) + depth.regulariser(
+        model, 0.5, 2.0
+    )
+    assert float(depth.regulariser(model, 0.5, 2.0)) > 0
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)

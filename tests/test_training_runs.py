@@ -148,10 +148,16 @@ def test_damaged_checkpoint_is_a_clear_error_and_the_previous_restores(
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, fashion_mnist_dir):
-    config = make_config(fashion_mnist_dir, num_train_steps=24, every_steps=2)
+    good = make_config(fashion_mnist_dir, num_train_steps=4, every_steps=4)
+    train.train_and_evaluate(good, tmp_path)
+    # Resume the same run with a learning rate that blows it up.
+    config = make_config(fashion_mnist_dir, num_train_steps=24, every_steps=100)
     config.optimizer.learning_rate = 1e30
-    with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
+    with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as error:
         train.train_and_evaluate(config, tmp_path)
+    assert "last good checkpoint is step 4" in str(error.value)
+    params = train.restore_params(config, tmp_path)
+    assert all(np.all(np.isfinite(v)) for v in params.values())
 
 
 def test_batch_that_does_not_divide_over_devices(tmp_path, fashion_mnist_dir):
