@@ -25,12 +25,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dnl_zoo.models import layers
 from dnl_zoo.models.densenet import DenseNet
 from dnl_zoo.models.dnl import DNLNet
 
 FORMAT = 1
 CLASSES = {"DenseNet": DenseNet, "DNLNet": DNLNet}
-WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
+WEIGHTS = layers.WEIGHTS
 
 
 class CheckpointError(ValueError):
@@ -118,10 +119,7 @@ def _check_shapes(checkpointer, weights: pathlib.Path, model: nnx.Module) -> Non
         array.name.removesuffix(".value"): tuple(array.shape)
         for array in jax.tree.leaves(checkpointer.metadata(weights).item_metadata)
     }
-    expected = {
-        ".".join(map(str, path)): tuple(v[...].shape)
-        for path, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))
-    }
+    expected = {k: tuple(v[...].shape) for k, v in layers.named_weights(model).items()}
     for name, shape in expected.items():
         if stored.get(name) != shape:
             raise ValueError(

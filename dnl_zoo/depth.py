@@ -33,26 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dnl_zoo.models import layers
 from dnl_zoo.models.dnl import DNLBlock, DNLLayer, DNLNet
 
 Params = dict[str, np.ndarray]  # dotted path -> array, for one module
-WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)  # what transfer moves; not RNG state
 
 
 def _flat(module: nnx.Module) -> Params:
-    return {
-        ".".join(map(str, path)): np.asarray(v[...])
-        for path, v in nnx.to_flat_state(nnx.state(module, WEIGHTS))
-    }
-
-
-def _set(module: nnx.Module, values: Params) -> None:
-    flat = nnx.to_flat_state(nnx.state(module, WEIGHTS))
-    new = [
-        (path, v.replace(jnp.asarray(values[".".join(map(str, path))], v[...].dtype)))
-        for path, v in flat
-    ]
-    nnx.update(module, nnx.from_flat_state(new))
+    return {k: np.asarray(v[...]) for k, v in layers.named_weights(module).items()}
 
 
 def _split(array: np.ndarray, axis: int, c0: int, k: int) -> list[np.ndarray]:
@@ -125,7 +113,7 @@ def _transfer_block(old: DNLBlock, new: DNLBlock) -> None:
             g = _interpolate([p[0] for p in parts], a)
             ks = [_bilinear(parts, a, Fraction(i * N, M)) for i in range(1, m)]
             values[path] = np.concatenate([g, *ks], axis=axes[path])
-        _set(layer, values)
+        layers.load_weights(layer, values)
 
 
 def _history_readers(model: DNLNet, b: int) -> list[tuple[nnx.Module, dict[str, int]]]:
@@ -155,7 +143,7 @@ def _transfer_readers(old: DNLNet, new: DNLNet, b: int) -> None:
             g, *ks = _split(old_params[path], axis, c0, k)
             sampled = [_interpolate(ks, Fraction(i * N, M)) for i in range(1, M + 1)]
             new_params[path] = np.concatenate([g, *sampled], axis=axis)
-        _set(new_reader, new_params)
+        layers.load_weights(new_reader, new_params)
 
 
 def transfer(model: DNLNet, block_config: int | Sequence[int]) -> DNLNet:
@@ -193,7 +181,7 @@ def transfer(model: DNLNet, block_config: int | Sequence[int]) -> DNLNet:
         ):
             new_flat[path] = old_flat[path]
     new_flat["classifier.bias"] = old_flat["classifier.bias"]
-    _set(new, new_flat)
+    layers.load_weights(new, new_flat)
     for b in range(len(model.blocks)):
         _transfer_block(model.blocks[b], new.blocks[b])
         _transfer_readers(model, new, b)

@@ -505,11 +505,7 @@ def restore_params(config, workdir, step: int | None = None) -> dict:
     manager = checkpoint_manager(pathlib.Path(workdir), config)
     state, _ = restore(manager, step or manager.latest_step(), state)
     model, _ = nnx.merge(trainer.graphdef, state)
-    weights = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
-    return {
-        ".".join(map(str, path)): np.asarray(v[...])
-        for path, v in nnx.to_flat_state(weights)
-    }
+    return {k: np.asarray(v[...]) for k, v in layers.named_weights(model).items()}
 
 
 def train_and_evaluate(config, workdir) -> dict:

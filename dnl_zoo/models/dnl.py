@@ -450,7 +450,7 @@ def _per_block(value, block_config: Sequence[int], name: str) -> tuple:
     return value
 
 
-def _dnl_path(path: str, bottleneck: bool) -> str:
+def dnl_path(path: str, bottleneck: bool) -> str:
     """The DNLNet path of a DenseNet parameter path of the same configuration."""
     parts = path.split(".")
     if parts[0] == "blocks":
@@ -474,19 +474,16 @@ def from_densenet(densenet: nnx.Module, model: DNLNet) -> DNLNet:
     computes exactly what the DenseNet does (the special case h = 1).
     """
     bottleneck = model.config["bottleneck"]
-    weights = nnx.Any(nnx.Param, nnx.BatchStat)
-    flat = nnx.to_flat_state(nnx.state(model, weights))
-    target = {".".join(map(str, p)): (p, v) for p, v in flat}
-    updates = []
-    for path, value in nnx.to_flat_state(nnx.state(densenet, weights)):
-        name = _dnl_path(".".join(map(str, path)), bottleneck)
-        if name not in target or target[name][1][...].shape != value[...].shape:
+    target = layers.named_weights(model)
+    values = {}
+    for path, value in layers.named_weights(densenet).items():
+        name = dnl_path(path, bottleneck)
+        if name not in target or target[name][...].shape != value[...].shape:
             raise ValueError(
-                f"the DenseNet's {'.'.join(map(str, path))} {value[...].shape} has "
-                f"no match {name!r} in this DNLNet; build the DNLNet with the "
-                "DenseNet's block_config, growth_rate, widths and bottleneck"
+                f"the DenseNet's {path} {value[...].shape} has no match {name!r} in "
+                "this DNLNet; build the DNLNet with the DenseNet's block_config, "
+                "growth_rate, widths and bottleneck"
             )
-        target_path, variable = target[name]
-        updates.append((target_path, variable.replace(value[...])))
-    nnx.update(model, nnx.from_flat_state(updates))
+        values[name] = value[...]
+    layers.load_weights(model, values)
     return model

@@ -231,6 +231,42 @@ def conv3x3(
     )
 
 
+# ---------------------------------------------------------------------------
+# Weights by name.
+# ---------------------------------------------------------------------------
+
+# What a saved or transferred model holds: parameters and BatchNorm statistics,
+# not RNG state.
+WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
+
+
+def named_weights(module: nnx.Module) -> dict[str, nnx.Variable]:
+    """The module's weights by dotted path, e.g. 'blocks.0.layers.1.conv1.kernel'."""
+    return {
+        ".".join(map(str, path)): variable
+        for path, variable in nnx.to_flat_state(nnx.state(module, WEIGHTS))
+    }
+
+
+def load_weights(module: nnx.Module, values: dict) -> None:
+    """Sets the weights named in `values` (dotted paths) to those arrays.
+
+    Each array keeps the dtype of the weight it replaces; a name the module
+    lacks is an error.
+    """
+    flat = nnx.to_flat_state(nnx.state(module, WEIGHTS))
+    names = {".".join(map(str, path)) for path, _ in flat}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise KeyError(f"{type(module).__name__} has no weights {unknown[:3]}")
+    updates = [
+        (path, v.replace(jnp.asarray(values[name], v[...].dtype)))
+        for path, v in flat
+        if (name := ".".join(map(str, path))) in values
+    ]
+    nnx.update(module, nnx.from_flat_state(updates))
+
+
 def check_images(x, *, in_channels: int, min_size: int, model: str) -> None:
     """Raises a readable error unless `x` is a float batch the model accepts.
 
