@@ -248,3 +248,10 @@ def test_regulariser_matches_its_definition_and_vanishes_for_constant_fields():
     assert float(depth.block_regulariser(constant, alpha=0.0, beta=1.0)) == 0.0
     grads = nnx.grad(lambda b: depth.block_regulariser(b, 1.0, 1.0))(block)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_norm_none_drops_every_norm_including_the_imagenet_stems():
+    model = DNLNet(**SMALL, norm="none", stem="imagenet", rngs=nnx.Rngs(0))
+    assert not [p for p in layers.named_weights(model) if "norm" in p]
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 1))
+    assert model(x).shape == (2, 10)

@@ -141,6 +141,7 @@ class Stem(nnx.Module):
         in_channels: int,
         out_channels: int,
         *,
+        norm: bool = True,  # the ImageNet stem's BN; DNL nets with norm='none' drop it
         activation: str = "relu",
         norm_epsilon: float = 1e-5,
         norm_momentum: float = 0.9,
@@ -167,12 +168,16 @@ class Stem(nnx.Module):
             dtype=dtype,
             rngs=rngs,
         )
-        self.norm = layers.batch_norm(
-            out_channels,
-            epsilon=norm_epsilon,
-            momentum=norm_momentum,
-            dtype=dtype,
-            rngs=rngs,
+        self.norm = (
+            layers.batch_norm(
+                out_channels,
+                epsilon=norm_epsilon,
+                momentum=norm_momentum,
+                dtype=dtype,
+                rngs=rngs,
+            )
+            if norm
+            else None
         )
 
     @property
@@ -185,7 +190,7 @@ class Stem(nnx.Module):
         y = self.conv(x)
         if self.kind == "cifar":
             return y
-        if self.norm is not None:  # DNL networks with norm='none' drop it
+        if self.norm is not None:
             y = self.norm(y)
         y = layers.get_activation(self.activation)(y)
         # Padding with -inf keeps the max exact; after ReLU, zero padding (as in

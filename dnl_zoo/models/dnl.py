@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dnl_zoo.models import layers
@@ -42,15 +43,18 @@ def step_size(horizon: float, num_layers: int, depth_scale: str) -> float:
     return horizon / num_layers if depth_scale == "step" else 1.0
 
 
-def history_scale(c0: int, num_sources: int, growth_rate: int, h: float) -> Array:
+def history_scale(c0: int, num_sources: int, growth_rate: int, h: float) -> np.ndarray:
     """Per-channel weights of a history [x_0, x_1..x_m]: 1 for x_0, h after.
+
+    A numpy constant: it folds into the traced program, and eager calls build
+    no XLA program for it.
 
     Returns:
       (c0 + num_sources * growth_rate,) float32.
     """
-    return jnp.concatenate(
-        [jnp.ones((c0,)), jnp.full((num_sources * growth_rate,), h)]
-    ).astype(jnp.float32)
+    scale = np.full(c0 + num_sources * growth_rate, h, np.float32)
+    scale[:c0] = 1.0
+    return scale
 
 
 class Norm(nnx.Module):
@@ -231,7 +235,6 @@ class DNLBlock(nnx.Module):
         **layer_kwargs,
     ):
         self.c0, self.num_layers, self.growth_rate = c0, num_layers, growth_rate
-        self.horizon = horizon
         self.h = step_size(horizon, num_layers, depth_scale)  # h = T / N
         self.layers = nnx.List(
             [
@@ -245,7 +248,7 @@ class DNLBlock(nnx.Module):
         """c0 + N k."""
         return self.c0 + self.num_layers * self.growth_rate
 
-    def output_scale(self) -> Array:
+    def output_scale(self) -> np.ndarray:
         """How transitions and the classifier weight the history: (c0 + N k,)."""
         return history_scale(self.c0, self.num_layers, self.growth_rate, self.h)
 
@@ -356,9 +359,14 @@ class DNLNet(nnx.Module):
         )
         self.in_channels = in_channels
         self.activation = activation
-        self.stem = Stem(stem, in_channels, num_init_features, **common, rngs=rngs)
-        if norm == "none" and stem == "imagenet":
-            self.stem.norm = None
+        self.stem = Stem(
+            stem,
+            in_channels,
+            num_init_features,
+            norm=norm == "batch",
+            **common,
+            rngs=rngs,
+        )
         layer_kwargs = dict(
             embed_features=embed_features,
             num_heads=num_heads,

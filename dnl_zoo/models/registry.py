@@ -15,7 +15,7 @@ from typing import Any
 
 from flax import nnx
 
-from dnl_zoo.models import costs, densenet
+from dnl_zoo.models import costs, densenet, dnl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,12 +279,12 @@ _DNL_BASE = dict(
 )
 
 _DNL_VARIANTS = {
-    # name prefix: (transform, depth_scale, extra arguments, description)
-    "dnl_conv": ("local", "step", {}, "local 3x3 transform, h = T/N"),
-    "dnl_conv_h1": ("local", "none", {}, "local 3x3 transform, h = 1 (contrast)"),
+    # name with {n}: (transform, depth_scale, extra arguments, description)
+    "dnl_conv_n{n}": ("local", "step", {}, "local 3x3 transform, h = T/N"),
+    "dnl_conv_n{n}_h1": ("local", "none", {}, "local 3x3 transform, h = 1 (contrast)"),
     # Non-local where positions are few, as non-local networks do: blocks 2
     # and 3 (14x14 with keys pooled 2x2, and 7x7); block 1 (28x28) stays local.
-    "dnl_nonlocal": (
+    "dnl_nonlocal_n{n}": (
         ("local", "local+embedded_gaussian", "local+embedded_gaussian"),
         "step",
         {"pool": (1, 2, 1)},
@@ -293,15 +293,11 @@ _DNL_VARIANTS = {
 }
 
 
-def _dnl(prefix: str, num_layers: int) -> None:
-    from dnl_zoo.models import dnl
-
-    transform, depth_scale, extra, description = _DNL_VARIANTS[prefix]
-    name = f"{prefix}_n{num_layers}" if prefix != "dnl_conv_h1" else None
-    name = name or f"dnl_conv_n{num_layers}_h1"
+def _dnl(name: str, num_layers: int) -> None:
+    transform, depth_scale, extra, description = _DNL_VARIANTS[name]
     register(
         ModelSpec(
-            name=name,
+            name=name.format(n=num_layers),
             family="dnl",
             builder=dnl.DNLNet,
             kwargs=_DNL_BASE
@@ -318,6 +314,6 @@ def _dnl(prefix: str, num_layers: int) -> None:
     )
 
 
-for _prefix in _DNL_VARIANTS:
+for _name in _DNL_VARIANTS:
     for _n in SWEEP_DEPTHS:
-        _dnl(_prefix, _n)
+        _dnl(_name, _n)
