@@ -25,7 +25,7 @@ sample.
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import jax
@@ -116,34 +116,30 @@ def _transfer_block(old: DNLBlock, new: DNLBlock) -> None:
         layers.load_weights(layer, values)
 
 
-def _history_readers(model: DNLNet, b: int) -> list[tuple[nnx.Module, dict[str, int]]]:
-    """Modules after block b that read its whole history, with their axes."""
-    stats = ("scale", "bias", "mean", "var")
-    if b < len(model.transitions):
-        reader = model.transitions[b]
-        axes = {"conv.kernel": 0}
-    else:
-        reader, axes = model, {"classifier.kernel": 0}
-    norm = reader.norm if reader is not model else model.norm_final
-    prefix = "norm" if reader is not model else "norm_final"
+def _reader_paths(model: DNLNet, b: int) -> dict[str, int]:
+    """Paths after block b that read its whole history, with their axes."""
+    last = b == len(model.transitions)
+    prefix = "" if last else f"transitions.{b}."
+    norm = model.norm_final if last else model.transitions[b].norm
+    paths = {f"{prefix}{'classifier' if last else 'conv'}.kernel": 0}
     if norm.batch is not None:
-        axes |= {f"{prefix}.batch.{s}": 0 for s in stats}
-    return [(reader, axes)]
+        name = "norm_final" if last else "norm"
+        paths |= {
+            f"{prefix}{name}.batch.{s}": 0 for s in ("scale", "bias", "mean", "var")
+        }
+    return paths
 
 
-def _transfer_readers(old: DNLNet, new: DNLNet, b: int) -> None:
-    """Interpolates the x_1..x_N slices of the readers of block b over s."""
-    N, M = old.blocks[b].num_layers, new.blocks[b].num_layers
-    c0, k = old.blocks[b].c0, old.blocks[b].growth_rate
-    for (old_reader, axes), (new_reader, _) in zip(
-        _history_readers(old, b), _history_readers(new, b), strict=True
-    ):
-        old_params, new_params = _flat(old_reader), _flat(new_reader)
-        for path, axis in axes.items():
-            g, *ks = _split(old_params[path], axis, c0, k)
-            sampled = [_interpolate(ks, Fraction(i * N, M)) for i in range(1, M + 1)]
-            new_params[path] = np.concatenate([g, *sampled], axis=axis)
-        layers.load_weights(new_reader, new_params)
+def _transfer_readers(old: Params, model: DNLNet, new: DNLNet, b: int) -> Params:
+    """Block b's readers with their x_1..x_N slices interpolated over s."""
+    N, M = model.blocks[b].num_layers, new.blocks[b].num_layers
+    c0, k = model.blocks[b].c0, model.blocks[b].growth_rate
+    values = {}
+    for path, axis in _reader_paths(model, b).items():
+        g, *ks = _split(old[path], axis, c0, k)
+        sampled = [_interpolate(ks, Fraction(i * N, M)) for i in range(1, M + 1)]
+        values[path] = np.concatenate([g, *sampled], axis=axis)
+    return values
 
 
 def transfer(model: DNLNet, block_config: int | Sequence[int]) -> DNLNet:
@@ -174,18 +170,74 @@ def transfer(model: DNLNet, block_config: int | Sequence[int]) -> DNLNet:
             "width depends on depth. Build the model with transition_features=C "
             "to give every transition a fixed width."
         )
-    new_flat, old_flat = _flat(new), _flat(model)
-    for path in new_flat:  # the stem and anything outside blocks and readers
-        if not path.startswith(
-            ("blocks.", "transitions.", "norm_final.", "classifier.")
-        ):
-            new_flat[path] = old_flat[path]
-    new_flat["classifier.bias"] = old_flat["classifier.bias"]
-    layers.load_weights(new, new_flat)
+    old = _flat(model)
+    # Outside the blocks every weight is kept, but for the readers' slices.
+    values = {p: v for p, v in old.items() if not p.startswith("blocks.")}
     for b in range(len(model.blocks)):
+        values |= _transfer_readers(old, model, new, b)
         _transfer_block(model.blocks[b], new.blocks[b])
-        _transfer_readers(model, new, b)
+    layers.load_weights(new, values)
     return new
+
+
+# ---------------------------------------------------------------------------
+# Blocks that sample given fields: the continuous-limit experiments.
+# ---------------------------------------------------------------------------
+
+Fields = tuple[Callable[[float], np.ndarray], Callable[[float, float], np.ndarray]]
+
+
+def linear_fields(c0: int, k: int, *, seed: int, size: float = 0.5) -> Fields:
+    """Smooth fields G(t) = G0 + t G1 and K(t, s) = K0 + t K1 + s K2.
+
+    Random 3x3 kernels, G: (3, 3, c0, k) and K: (3, 3, k, k), scaled by
+    size / sqrt(9 max(c0, k)) so that the block's states stay of order one.
+    """
+    rng = np.random.default_rng(seed)
+    scale = size / np.sqrt(9 * max(c0, k))
+    g0, g1 = (scale * rng.normal(size=(3, 3, c0, k)) for _ in range(2))
+    k0, k1, k2 = (scale * rng.normal(size=(3, 3, k, k)) for _ in range(3))
+    return (lambda t: g0 + t * g1), (lambda t, s: k0 + t * k1 + s * k2)
+
+
+def sampled_block(
+    num_layers: int,
+    fields: Fields,
+    *,
+    c0: int,
+    k: int,
+    horizon: float = 1.0,
+    depth_scale: str = "step",
+    activation: str = "tanh",
+) -> DNLBlock:
+    """A norm-free local DNL block whose 3x3 kernels sample `fields`.
+
+    Layer n's kernel is [G(t_n), K(t_n, t_1), ..., K(t_n, t_{n-1})] along its
+    input-channel axis, with t_n = n T / N whatever `depth_scale` says.
+    """
+    block = DNLBlock(
+        c0,
+        num_layers,
+        k,
+        horizon=horizon,
+        depth_scale=depth_scale,
+        norm="none",
+        activation=activation,
+        rngs=nnx.Rngs(0),
+    )
+    G, K = fields
+    t = horizon / num_layers
+    for n, layer in enumerate(block.layers, start=1):
+        slices = [G(n * t)] + [K(n * t, j * t) for j in range(1, n)]
+        kernel = np.concatenate(slices, axis=2).astype(np.float32)
+        layer.transform.conv.kernel.set_value(jnp.asarray(kernel))
+    return block
+
+
+def state_norms(history: np.ndarray, c0: int, k: int) -> list[float]:
+    """|x_n| (over batch and positions) of every state x_1..x_N of a history."""
+    states = np.split(history[..., c0:], (history.shape[-1] - c0) // k, axis=-1)
+    return [float(np.sqrt(np.sum(np.square(s)))) for s in states]
 
 
 # ---------------------------------------------------------------------------

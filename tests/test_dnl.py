@@ -11,7 +11,7 @@ from flax import nnx
 from dnl_zoo import depth
 from dnl_zoo.models import layers
 from dnl_zoo.models.densenet import DenseNet
-from dnl_zoo.models.dnl import DNLBlock, DNLNet, dnl_path, from_densenet
+from dnl_zoo.models.dnl import DNLNet, dnl_path, from_densenet
 
 
 def randomise(model: nnx.Module, seed: int) -> None:
@@ -91,34 +91,8 @@ def test_refine_then_restrict_returns_the_weights_exactly(transform, bottleneck)
         np.testing.assert_array_equal(restored[path], value, err_msg=str(path))
 
 
-def smooth_fields(c0: int, k: int, seed: int):
-    """G(t) = G0 + t G1 and K(t, s) = K0 + t K1 + s K2, 3x3 kernels."""
-    rng = np.random.default_rng(seed)
-    scale = 0.5 / np.sqrt(9 * max(c0, k))
-    g0, g1 = (scale * rng.normal(size=(3, 3, c0, k)) for _ in range(2))
-    k0, k1, k2 = (scale * rng.normal(size=(3, 3, k, k)) for _ in range(3))
-    return (lambda t: g0 + t * g1), (lambda t, s: k0 + t * k1 + s * k2)
-
-
-def block_from_fields(num_layers, depth_scale, fields, c0=2, k=2, horizon=1.0):
-    """A norm-free DNL block whose weights sample the given fields."""
-    block = DNLBlock(
-        c0,
-        num_layers,
-        k,
-        horizon=horizon,
-        depth_scale=depth_scale,
-        norm="none",
-        activation="tanh",
-        rngs=nnx.Rngs(0),
-    )
-    G, K = fields
-    h = horizon / num_layers
-    for n, layer in enumerate(block.layers, start=1):
-        slices = [G(n * h)] + [K(n * h, j * h) for j in range(1, n)]
-        kernel = np.concatenate(slices, axis=2).astype(np.float32)
-        layer.transform.conv.kernel.set_value(jnp.asarray(kernel))
-    return block
+def block_from_fields(num_layers, depth_scale, fields, c0=2, k=2):
+    return depth.sampled_block(num_layers, fields, c0=c0, k=k, depth_scale=depth_scale)
 
 
 def run_block(block, x0):
@@ -126,7 +100,7 @@ def run_block(block, x0):
 
 
 def test_forward_converges_at_first_order_as_depth_grows():
-    fields = smooth_fields(2, 2, seed=3)
+    fields = depth.linear_fields(2, 2, seed=3)
     x0 = jax.random.normal(jax.random.key(1), (2, 6, 6, 2))
     final = {
         n: run_block(block_from_fields(n, "step", fields), x0)[..., -2:]
@@ -140,12 +114,11 @@ def test_forward_converges_at_first_order_as_depth_grows():
 
 
 def max_state_norm(history, c0=2, k=2):
-    states = np.split(history[..., c0:], (history.shape[-1] - c0) // k, axis=-1)
-    return max(float(np.sqrt(np.sum(s**2))) for s in states)
+    return max(depth.state_norms(history, c0, k))
 
 
 def test_states_stay_bounded_with_h_and_grow_without():
-    fields = smooth_fields(2, 2, seed=4)
+    fields = depth.linear_fields(2, 2, seed=4)
     x0 = jax.random.normal(jax.random.key(2), (1, 4, 4, 2))
     # h = 1 stops at N = 64: its growth is plain by then, and each 256-layer
     # block costs about 20 s to compile on 2 cores.
@@ -226,7 +199,7 @@ def test_transfer_refuses_widths_that_depend_on_depth():
 
 def test_regulariser_matches_its_definition_and_vanishes_for_constant_fields():
     c0, k, n_layers = 2, 2, 4
-    G, K = smooth_fields(c0, k, seed=5)
+    G, K = depth.linear_fields(c0, k, seed=5)
     block = block_from_fields(n_layers, "step", (G, K), c0=c0, k=k)
     h = 1.0 / n_layers
     Gs = [G(n * h) for n in range(1, n_layers + 1)]

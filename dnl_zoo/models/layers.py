@@ -251,19 +251,25 @@ def named_weights(module: nnx.Module) -> dict[str, nnx.Variable]:
 def load_weights(module: nnx.Module, values: dict) -> None:
     """Sets the weights named in `values` (dotted paths) to those arrays.
 
-    Each array keeps the dtype of the weight it replaces; a name the module
-    lacks is an error.
+    Each array takes the dtype of the weight it replaces; a name the module
+    lacks, or a shape that differs, is an error.
     """
     flat = nnx.to_flat_state(nnx.state(module, WEIGHTS))
     names = {".".join(map(str, path)) for path, _ in flat}
     unknown = sorted(set(values) - names)
     if unknown:
         raise KeyError(f"{type(module).__name__} has no weights {unknown[:3]}")
-    updates = [
-        (path, v.replace(jnp.asarray(values[name], v[...].dtype)))
-        for path, v in flat
-        if (name := ".".join(map(str, path))) in values
-    ]
+    updates = []
+    for path, variable in flat:
+        name = ".".join(map(str, path))
+        if name not in values:
+            continue
+        value = jnp.asarray(values[name], variable[...].dtype)
+        if value.shape != variable[...].shape:
+            raise ValueError(
+                f"{name}: expected shape {variable[...].shape}, got {value.shape}"
+            )
+        updates.append((path, variable.replace(value)))
     nnx.update(module, nnx.from_flat_state(updates))
 
 
