@@ -125,35 +125,35 @@ def _initialise_distributed(args: argparse.Namespace) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def _experiment(args: argparse.Namespace, overrides: list[str]):
+def _experiment(args: argparse.Namespace):
+    """The config file of --config with the --config.KEY=VALUE overrides applied."""
     from dnl_zoo import config as config_lib
 
-    config = config_lib.load(args.config)
-    return config_lib.override(config, overrides)
+    return config_lib.override(config_lib.load(args.config), args.overrides)
 
 
-def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     """Trains (or resumes) the experiment of --config in --workdir."""
     from dnl_zoo import train
 
     _initialise_distributed(args)
-    config = _experiment(args, overrides)
+    config = _experiment(args)
     result = train.train_and_evaluate(config, args.workdir)
     if jax.process_index() == 0:
         print(json.dumps(result))
     return 0
 
 
-def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluates the latest checkpoint in --workdir on the eval split."""
     from dnl_zoo import train
 
-    config = _experiment(args, overrides)
+    config = _experiment(args)
     print(json.dumps(train.evaluate_workdir(config, args.workdir)))
     return 0
 
 
-def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+def cmd_data_prepare(args: argparse.Namespace) -> int:
     """Builds the canonical TFDS dataset from local original files."""
     from dnl_zoo import data
 
@@ -246,9 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(
             f"unrecognised arguments: {' '.join(unknown or overrides)}"
         )
+    args.overrides = overrides
     try:
-        if args.command in ("train", "eval", "data"):
-            return args.run(args, overrides)
         return args.run(args)
     except (KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) else error

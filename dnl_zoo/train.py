@@ -33,10 +33,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from orbax.checkpoint import checkpoint_managers as policies
+from tqdm import tqdm
 
+from dnl_zoo import data as data_lib
 from dnl_zoo import depth
 from dnl_zoo.models import layers, registry
 from dnl_zoo.models.dnl import DNLNet
@@ -125,7 +129,7 @@ def _replicate(x, sharding: NamedSharding) -> jax.Array:
 
     (jax.device_put only reaches this process's devices.)
     """
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if _is_key(x):
         words = _replicate(jax.random.key_data(x), sharding)
         return jax.random.wrap_key_data(words, impl=jax.random.key_impl(x))
     host = np.asarray(x)
@@ -223,35 +227,28 @@ class Trainer:
 # ---------------------------------------------------------------------------
 
 
+def _is_key(x) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def _to_saveable(state):
     """PRNG keys as their raw words: Orbax stores plain arrays."""
-    return jax.tree.map(
-        lambda x: (
-            jax.random.key_data(x)
-            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-            else x
-        ),
-        state,
-    )
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
 
 
 def _from_saveable(saved, like):
-    return jax.tree.map(
-        lambda s, x: (
+    def unpack(s, x):
+        return (
             jax.random.wrap_key_data(s, impl=jax.random.key_impl(x))
-            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+            if _is_key(x)
             else s
-        ),
-        saved,
-        like,
-    )
+        )
+
+    return jax.tree.map(unpack, saved, like)
 
 
 def checkpoint_manager(workdir: pathlib.Path, config):
     """Orbax manager: keep the last `keep` checkpoints and the best by accuracy."""
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint import checkpoint_managers as policies
-
     keep = [policies.LatestN(config.checkpoint.keep)]
     if config.checkpoint.keep_best:
         keep.append(
@@ -272,8 +269,6 @@ def checkpoint_manager(workdir: pathlib.Path, config):
 
 def save(manager, step: int, state, meta: dict, metrics: dict | None) -> None:
     """Writes one checkpoint; Orbax renames it into place only when complete."""
-    import orbax.checkpoint as ocp
-
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(_to_saveable(state)),
         meta=ocp.args.JsonSave(meta),
@@ -284,8 +279,6 @@ def save(manager, step: int, state, meta: dict, metrics: dict | None) -> None:
 
 def restore(manager, step: int, like) -> tuple[object, dict]:
     """The state saved at `step`, laid out like `like` (any device count)."""
-    import orbax.checkpoint as ocp
-
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(like))
     args = ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
@@ -342,9 +335,9 @@ class Log:
     def __init__(self, workdir: pathlib.Path):
         self.enabled = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
-        self.tensorboard = _tensorboard_writer(workdir / "tensorboard")
-        if not self.enabled:
-            self.tensorboard = None
+        self.tensorboard = None
+        if self.enabled:
+            self.tensorboard = _tensorboard_writer(workdir / "tensorboard")
 
     def info(self, text: str) -> None:
         if self.enabled:
@@ -424,37 +417,27 @@ def evaluate(trainer: Trainer, state, loader) -> dict:
     }
 
 
-def _loaders(config, info):
-    from dnl_zoo import data as data_lib
-
-    name, data_dir = config.dataset.name, config.dataset.data_dir or None
-    augment = info.augment if config.dataset.augment == "default" else None
-    if config.dataset.augment not in ("default", "none"):
-        augment = config.dataset.augment
-    common = dict(
+def _loader(config, info, *, train: bool):
+    """The train or eval Loader of `config.dataset`, this process's share."""
+    split = info.train_split if train else config.dataset.eval_split or info.eval_split
+    source = data_lib.load_source(
+        config.dataset.name, split, config.dataset.data_dir or None
+    )
+    augment = {"default": info.augment, "none": None}.get(
+        config.dataset.augment, config.dataset.augment
+    )
+    return data_lib.Loader(
+        source,
+        global_batch_size=config.batch_size if train else config.eval_batch_size,
+        seed=config.seed if train else 0,
+        train=train,
+        # Eval images change only for 'imagenet' (resize and centre crop).
+        augment=augment if train else info.augment,
         mean=info.mean,
         std=info.std,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    train = data_lib.Loader(
-        data_lib.load_source(name, info.train_split, data_dir),
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        train=True,
-        augment=augment,
-        **common,
-    )
-    split = config.dataset.eval_split or info.eval_split
-    evaluation = data_lib.Loader(
-        data_lib.load_source(name, split, data_dir),
-        global_batch_size=config.eval_batch_size,
-        seed=0,
-        train=False,
-        augment=info.augment,  # only 'imagenet' changes eval images (centre crop)
-        **common,
-    )
-    return train, evaluation
 
 
 def build(config, info, total_steps: int, steps_per_epoch: int):
@@ -475,21 +458,28 @@ def build(config, info, total_steps: int, steps_per_epoch: int):
     return trainer, state, schedule, params
 
 
-def evaluate_workdir(config, workdir) -> dict:
-    """Eval metrics of the latest checkpoint in `workdir`, with its step."""
-    from dnl_zoo import data as data_lib
+def _restore_latest(config, workdir, step: int | None = None):
+    """(trainer, host state, step) of a checkpoint in `workdir` (latest if None).
 
-    _check_batch(config)
+    The optimiser's schedule is a placeholder: nothing here trains.
+    """
     info = data_lib.DATASETS[config.dataset.name]
-    train_loader, eval_loader = _loaders(config, info)
-    trainer, state, _, _ = build(config, info, 1, train_loader.steps_per_epoch)
+    trainer, state, _, _ = build(config, info, 1, 1)
     manager = checkpoint_manager(pathlib.Path(workdir), config)
-    step = manager.latest_step()
+    step = step or manager.latest_step()
     if step is None:
         raise FileNotFoundError(
             f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}; train first"
         )
     state, _ = restore(manager, step, state)
+    return trainer, state, step
+
+
+def evaluate_workdir(config, workdir) -> dict:
+    """Eval metrics of the latest checkpoint in `workdir`, with its step."""
+    _check_batch(config)
+    trainer, state, step = _restore_latest(config, workdir)
+    eval_loader = _loader(config, data_lib.DATASETS[config.dataset.name], train=False)
     return {"step": step, **evaluate(trainer, trainer.place_state(state), eval_loader)}
 
 
@@ -498,12 +488,7 @@ def restore_params(config, workdir, step: int | None = None) -> dict:
 
     Restores onto this process's devices, whatever device count wrote it.
     """
-    from dnl_zoo import data as data_lib
-
-    info = data_lib.DATASETS[config.dataset.name]
-    trainer, state, _, _ = build(config, info, 1, 1)
-    manager = checkpoint_manager(pathlib.Path(workdir), config)
-    state, _ = restore(manager, step or manager.latest_step(), state)
+    trainer, state, _ = _restore_latest(config, workdir, step)
     model, _ = nnx.merge(trainer.graphdef, state)
     return {k: np.asarray(v[...]) for k, v in layers.named_weights(model).items()}
 
@@ -514,15 +499,14 @@ def train_and_evaluate(config, workdir) -> dict:
     Returns:
       The metrics of the final evaluation, with `step`.
     """
-    from dnl_zoo import data as data_lib
-
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _lock_workdir(workdir)
     log = Log(workdir)
     _check_batch(config)
     info = data_lib.DATASETS[config.dataset.name]
-    train_loader, eval_loader = _loaders(config, info)
+    train_loader = _loader(config, info, train=True)
+    eval_loader = _loader(config, info, train=False)
     steps_per_epoch = train_loader.steps_per_epoch
     total = config.num_train_steps
     if total <= 0:
@@ -549,10 +533,18 @@ def train_and_evaluate(config, workdir) -> dict:
         f"{params:,} parameters; {steps_per_epoch} steps per epoch, {total} steps"
     )
     run = _Run(
-        config, trainer, manager, log, train_loader, eval_loader, schedule, total
+        config,
+        trainer,
+        manager,
+        log,
+        train_loader,
+        eval_loader,
+        schedule,
+        total,
+        every_eval,
     )
     try:
-        return _loop(run, state, start, every_eval)
+        return _loop(run, state, start)
     finally:
         if log.enabled:
             (workdir / "run.lock").unlink(missing_ok=True)
@@ -570,13 +562,13 @@ class _Run:
     eval_loader: object
     schedule: object
     total: int
+    every_eval: int
 
 
-def _loop(run: _Run, state, start: int, every_eval: int) -> dict:
+def _loop(run: _Run, state, start: int) -> dict:
     config, trainer, manager, log = run.config, run.trainer, run.manager, run.log
     train_loader, eval_loader = run.train_loader, run.eval_loader
-    schedule, total = run.schedule, run.total
-    from tqdm import tqdm
+    schedule, total, every_eval = run.schedule, run.total, run.every_eval
 
     # Counted in images, so that the bar shows images/s beside its ETA.
     bar = tqdm(
