@@ -16,6 +16,7 @@ are for this machine only; compare them within one run.
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -74,19 +75,29 @@ def compile_stats(depth: int, growth_rate: int, batch: int, size: int) -> dict:
     }
 
 
+def _step_times(run_step, steps: int, warmup: int) -> list[float]:
+    """Seconds of each of `steps` calls of run_step(), after `warmup` calls."""
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        run_step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def time_jax(depth, growth_rate, batch, size, steps, warmup) -> list[float]:
     step, state = build_jax(depth, growth_rate)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        state, loss = step(state, images, labels)
+    carry = [state]
+
+    def run_step():
+        carry[0], loss = step(carry[0], images, labels)
         jax.block_until_ready(loss)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+
+    return _step_times(run_step, steps, warmup)
 
 
 def time_torch(depth, growth_rate, batch, size, steps, warmup, channels_last):
@@ -108,21 +119,46 @@ def time_torch(depth, growth_rate, batch, size, steps, warmup, channels_last):
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+
+    def run_step():
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(images), labels).backward()
         optimizer.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+
+    return _step_times(run_step, steps, warmup)
+
+
+def time_pointwise(batch: int, size: int, steps: int, warmup: int) -> dict:
+    """GFLOP/s of a 1x1 convolution 120 -> 48, forward and backward, two ways.
+
+    As `conv_general_dilated` and as a matrix product over the channel axis:
+    why dnl_zoo stores 1x1 kernels as (in, out) matrices.
+    """
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, size, size, 120)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(1, 1, 120, 48)), jnp.float32)
+
+    def as_conv(x, w):
+        dims = ("NHWC", "HWIO", "NHWC")
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=dims)
+        return jnp.sum(y**2)
+
+    def as_matmul(x, w):
+        return jnp.sum(jnp.einsum("bhwi,io->bhwo", x, w[0, 0]) ** 2)
+
+    flops = 3 * 2 * batch * size * size * 120 * 48  # forward + two backward products
+    result = {}
+    for name, f in (("conv", as_conv), ("matmul", as_matmul)):
+        grad = jax.jit(jax.grad(f, argnums=(0, 1)))
+        times = _step_times(
+            lambda g=grad: jax.block_until_ready(g(x, w)), steps, warmup
+        )
+        result[name] = flops / statistics.median(times) / 1e9
+    return result
 
 
 def hardware() -> str:
     """The processor, core count and JAX device, in words."""
-    import os
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -137,32 +173,14 @@ def hardware() -> str:
 
 def run(args: argparse.Namespace) -> dict:
     """All measurements of one invocation, as a dict."""
-    images_per = lambda times: args.batch_size / statistics.median(times)  # noqa: E731
-    throughput = {
-        "dnl_zoo": images_per(
-            time_jax(
-                args.depth,
-                args.growth_rate,
-                args.batch_size,
-                args.image_size,
-                args.steps,
-                args.warmup,
-            )
-        )
-    }
+    shape = (args.depth, args.growth_rate, args.batch_size, args.image_size)
+    timing = (args.steps, args.warmup)
+    throughput = {"dnl_zoo": time_jax(*shape, *timing)}
     if not args.no_torch:
-        for name, channels_last in (("torch", False), ("torch_channels_last", True)):
-            throughput[name] = images_per(
-                time_torch(
-                    args.depth,
-                    args.growth_rate,
-                    args.batch_size,
-                    args.image_size,
-                    args.steps,
-                    args.warmup,
-                    channels_last,
-                )
-            )
+        throughput["torch"] = time_torch(*shape, *timing, channels_last=False)
+        throughput["torch_channels_last"] = time_torch(
+            *shape, *timing, channels_last=True
+        )
     depths = [
         compile_stats(d, args.growth_rate, args.batch_size, args.image_size)
         for d in args.depths
@@ -172,7 +190,11 @@ def run(args: argparse.Namespace) -> dict:
         "model": f"DenseNet-BC L={args.depth}, k={args.growth_rate}",
         "batch_size": args.batch_size,
         "image_size": args.image_size,
-        "throughput_images_per_s": throughput,
+        "throughput_images_per_s": {
+            name: args.batch_size / statistics.median(times)
+            for name, times in throughput.items()
+        },
+        "pointwise_gflops": time_pointwise(args.batch_size, args.image_size, *timing),
         "depths": depths,
     }
 
@@ -189,6 +211,14 @@ def table(result: dict) -> str:
     speeds = result["throughput_images_per_s"]
     for name, value in speeds.items():
         lines.append(f"| {name} | {value:.1f} | {speeds['dnl_zoo'] / value:.2f}x |")
+    ops = result["pointwise_gflops"]
+    lines += [
+        "",
+        "| 1x1 convolution 120 -> 48, forward and backward | GFLOP/s |",
+        "|---|---|",
+        f"| as conv_general_dilated | {ops['conv']:.1f} |",
+        f"| as a matrix product | {ops['matmul']:.1f} |",
+    ]
     lines += [
         "",
         "| depth L | compile s | XLA temp MiB | compile / first |",

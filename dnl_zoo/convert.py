@@ -89,6 +89,15 @@ def _fill(module: nnx.Module, weights: Mapping[str, np.ndarray], name: str) -> N
         _assign(getattr(module, field), value, f"{name}.{field}")
 
 
+def _refuse_unused(unused: set[str], what: str) -> None:
+    """Every piece of the source must land in the model: a larger source fails."""
+    if unused:
+        raise ConversionError(
+            f"{len(unused)} {what} have no place in this model, e.g. "
+            f"{sorted(unused)[:3]}; the source is a larger DenseNet"
+        )
+
+
 def _load(model: DenseNet, read: Callable[[nnx.Module, str, str], dict]) -> None:
     for module, torch_name, keras_name in _slots(model):
         weights = read(module, torch_name, keras_name)
@@ -175,12 +184,8 @@ def from_keras(keras_model, model: DenseNet | None = None) -> DenseNet:
         return _keras_weights(layers, module, keras_name)
 
     _load(model, read)
-    unused = sorted(n for n, layer in layers.items() if layer.weights and n not in used)
-    if unused:
-        raise ConversionError(
-            f"{len(unused)} Keras layers with weights have no place in this model, "
-            f"e.g. {unused[:3]}; the source is a larger DenseNet"
-        )
+    with_weights = {name for name, layer in layers.items() if layer.weights}
+    _refuse_unused(with_weights - used, "Keras layers with weights")
     model.eval()
     return model
 
@@ -217,7 +222,10 @@ def normalise_torch_keys(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]
 
 def torch_architecture(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """DenseNet constructor arguments that reproduce a torchvision state dict."""
-    tensors = normalise_torch_keys(state_dict)
+    return _torch_architecture(normalise_torch_keys(state_dict))
+
+
+def _torch_architecture(tensors: dict[str, np.ndarray]) -> dict[str, Any]:
     layer_key = re.compile(r"features\.denseblock(\d+)\.denselayer(\d+)\.norm1\.weight")
     counts: dict[int, int] = {}
     for key in tensors:
@@ -285,16 +293,11 @@ def from_torch(
     Returns:
       The filled model, in eval mode.
     """
+    tensors = normalise_torch_keys(state_dict)  # once: it copies every tensor
     if model is None:
-        model = DenseNet(**torch_architecture(state_dict), rngs=nnx.Rngs(0))
-    tensors = normalise_torch_keys(state_dict)
+        model = DenseNet(**_torch_architecture(tensors), rngs=nnx.Rngs(0))
     used: set[str] = set()
     _load(model, lambda module, name, _: _torch_weights(tensors, used, module, name))
-    unused = sorted(set(tensors) - used)
-    if unused:
-        raise ConversionError(
-            f"{len(unused)} tensors of the state dict have no place in this model, "
-            f"e.g. {unused[:3]}; the source is a larger DenseNet"
-        )
+    _refuse_unused(set(tensors) - used, "tensors of the state dict")
     model.eval()
     return model

@@ -13,8 +13,6 @@ os.environ["KERAS_BACKEND"] = "numpy"
 
 import pytest  # noqa: E402
 
-FASHION_MNIST_SOURCE = "/usr/share/datasets/fashion-mnist"
-
 
 @pytest.fixture(scope="session")
 def fashion_mnist_dir(tmp_path_factory) -> str:
@@ -22,5 +20,5 @@ def fashion_mnist_dir(tmp_path_factory) -> str:
     from dnl_zoo import data
 
     data_dir = tmp_path_factory.mktemp("tfds")
-    data.prepare("fashion_mnist", FASHION_MNIST_SOURCE, str(data_dir))
+    data.prepare("fashion_mnist", data.DEBIAN_FASHION_MNIST, str(data_dir))
     return str(data_dir)

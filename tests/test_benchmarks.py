@@ -29,5 +29,7 @@ def test_harness_smoke(tmp_path, capsys):
         "torch_channels_last",
     }
     assert all(v > 0 for v in result["throughput_images_per_s"].values())
+    assert saved["pointwise_gflops"]["conv"] > 0
+    assert saved["pointwise_gflops"]["matmul"] > 0
     assert [d["depth"] for d in saved["depths"]] == [10, 16]
     assert all(d["temp_bytes"] > 0 and d["compile_s"] > 0 for d in saved["depths"])

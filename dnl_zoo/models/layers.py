@@ -66,19 +66,23 @@ def _host_sample(key: Array, shape: Shape, dtype, draw) -> Array:
     return jnp.asarray(sample(words))
 
 
+def _fan_in_normal(key: Array, shape: Shape, dtype, gain: float) -> Array:
+    """N(0, gain / fan_in) with fan_in = prod(shape[:-1])."""
+    std = math.sqrt(gain / max(1, math.prod(shape[:-1])))
+    return _host_sample(key, shape, dtype, lambda g, s: std * g.standard_normal(s))
+
+
 def he_normal(key: Array, shape: Shape, dtype=None) -> Array:
-    """N(0, 2 / fan_in) with fan_in = prod(shape[:-1]): kernels that feed ReLUs.
+    """N(0, 2 / fan_in): kernels that feed ReLUs.
 
     The original DenseNet code and torchvision initialise convolutions this way.
     """
-    std = math.sqrt(2.0 / max(1, math.prod(shape[:-1])))
-    return _host_sample(key, shape, dtype, lambda g, s: std * g.standard_normal(s))
+    return _fan_in_normal(key, shape, dtype, 2.0)
 
 
 def lecun_normal(key: Array, shape: Shape, dtype=None) -> Array:
     """N(0, 1 / fan_in): the classifier, whose outputs feed no activation."""
-    std = math.sqrt(1.0 / max(1, math.prod(shape[:-1])))
-    return _host_sample(key, shape, dtype, lambda g, s: std * g.standard_normal(s))
+    return _fan_in_normal(key, shape, dtype, 1.0)
 
 
 def zeros(key: Array | None, shape: Shape, dtype=None) -> Array:

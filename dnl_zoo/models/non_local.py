@@ -75,6 +75,13 @@ def average_pool(u: Array, pool: int) -> Array:
     return jnp.mean(windows, axis=(2, 4), dtype=jnp.float32).astype(u.dtype)
 
 
+def _dot_logits(queries: Array, keys: Array) -> Array:
+    """queries_p . keys_q in float32: (..., P, D), (..., Q, D) -> (..., P, Q)."""
+    return jnp.einsum(
+        "...pd,...qd->...pq", queries.astype(jnp.float32), keys.astype(jnp.float32)
+    )
+
+
 def softmax_affinity(queries: Array, keys: Array, scale: float = 1.0) -> Array:
     """softmax_q(scale * queries_p . keys_q), in float32.
 
@@ -86,22 +93,12 @@ def softmax_affinity(queries: Array, keys: Array, scale: float = 1.0) -> Array:
     Returns:
       (..., P, Q), every row summing to one.
     """
-    logits = jnp.einsum(
-        "...pd,...qd->...pq",
-        queries.astype(jnp.float32),
-        keys.astype(jnp.float32),
-    )
-    return jax.nn.softmax(logits * scale, axis=-1)
+    return jax.nn.softmax(_dot_logits(queries, keys) * scale, axis=-1)
 
 
 def dot_product_affinity(queries: Array, keys: Array) -> Array:
     """queries_p . keys_q / Q in float32: (..., P, D), (..., Q, D) -> (..., P, Q)."""
-    logits = jnp.einsum(
-        "...pd,...qd->...pq",
-        queries.astype(jnp.float32),
-        keys.astype(jnp.float32),
-    )
-    return logits / keys.shape[-2]
+    return _dot_logits(queries, keys) / keys.shape[-2]
 
 
 def concatenation_affinity(queries: Array, keys: Array, mix: Array) -> Array:
