@@ -69,9 +69,11 @@ def _stage_shapes(model, x: jax.Array) -> list[jax.Array]:
 def cmd_summary(args: argparse.Namespace) -> int:
     """Builds NAME, prints its stages and runs a timed eval forward pass."""
     overrides = {"in_channels": args.in_channels} if args.in_channels else {}
+    start = time.perf_counter()
     model = registry.create_model(
         args.name, num_classes=args.num_classes, seed=args.seed, **overrides
     )
+    built = time.perf_counter() - start
     spec = registry.get_spec(args.name)
     height, width, channels = spec.input_size
     if args.image_size:
@@ -80,7 +82,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     shape = (args.batch_size, height, width, channels)
     macs = costs.count_macs(model, shape[1:])
     print(f"{args.name}: {spec.description}")
-    print(f"parameters: {costs.count_params(model):,}")
+    print(f"parameters: {costs.count_params(model):,} (built in {built:.1f} s)")
     print(f"FLOPs per image at {shape[1:]}: {2 * macs / 1e9:.3f} G")
 
     model.eval()
