@@ -264,7 +264,9 @@ def checkpoint_manager(workdir: pathlib.Path, config):
         enable_async_checkpointing=False,
         create=True,
     )
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+    # Orbax wants an absolute path; a relative workdir is the user's usual.
+    directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def save(manager, step: int, state, meta: dict, metrics: dict | None) -> None:
@@ -518,10 +520,11 @@ def train_and_evaluate(config, workdir) -> dict:
     trainer, state, schedule, params = build(config, info, total, steps_per_epoch)
     mesh = trainer.mesh
     manager = checkpoint_manager(workdir, config)
-    start = 0
+    start, seconds_before = 0, 0.0
     if manager.latest_step() is not None:
         state, meta = restore(manager, manager.latest_step(), state)
         start = meta["step"]
+        seconds_before = meta.get("wall_seconds", 0.0)
         log.info(f"resumed from {manager.directory / str(start)} at step {start}")
     state = trainer.place_state(state)
 
@@ -542,6 +545,7 @@ def train_and_evaluate(config, workdir) -> dict:
         schedule,
         total,
         every_eval,
+        seconds_before,
     )
     try:
         return _loop(run, state, start)
@@ -563,6 +567,7 @@ class _Run:
     schedule: object
     total: int
     every_eval: int
+    seconds_before: float  # wall seconds of the earlier runs this one resumes
 
 
 def _loop(run: _Run, state, start: int) -> dict:
@@ -579,7 +584,8 @@ def _loop(run: _Run, state, start: int) -> dict:
         unit="img",
         unit_scale=True,
     )
-    window_start, window_images, result = time.perf_counter(), 0, {}
+    run_start = time.perf_counter()
+    window_start, window_images, result = run_start, 0, {}
     for step in range(start, total):
         batch = trainer.place_batch(train_loader.batch(step))
         if step == start:
@@ -625,7 +631,12 @@ def _loop(run: _Run, state, start: int) -> dict:
             metrics_for_best = (
                 {"accuracy": eval_metrics["eval_top1"]} if eval_metrics else None
             )
-            meta = {"step": done, "epoch": done / train_loader.steps_per_epoch}
+            meta = {
+                "step": done,
+                "epoch": done / train_loader.steps_per_epoch,
+                # Wall time of the whole training so far, over every resume.
+                "wall_seconds": run.seconds_before + time.perf_counter() - run_start,
+            }
             save(manager, done, trainer.host_state(state), meta, metrics_for_best)
         if eval_metrics is not None or done % config.checkpoint.every_steps == 0:
             # Throughput counts training steps only, not evaluation or saving.

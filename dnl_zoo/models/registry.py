@@ -210,6 +210,30 @@ register(
 )
 
 
+# The Fashion-MNIST DenseNet-BC ladder (28x28 greyscale), sized for CPU training;
+# checkpoints/ ships their weights. L = 6n + 4 for n layers per block.
+FASHION_BC_DEPTHS = (16, 22, 28, 40)
+
+for _depth in FASHION_BC_DEPTHS:
+    register(
+        ModelSpec(
+            name=f"densenet_bc{_depth}_k12_fmnist",
+            family="densenet",
+            builder=densenet.cifar_densenet,
+            kwargs=dict(
+                depth=_depth,
+                growth_rate=12,
+                bottleneck=True,
+                compression=0.5,
+                in_channels=1,
+            ),
+            input_size=(28, 28, 1),
+            num_classes=10,
+            description=f"DenseNet-BC L={_depth}, k=12, 28x28 greyscale",
+        )
+    )
+
+
 def _imagenet(name, blocks, k, init, reference):
     register(
         ModelSpec(
@@ -267,6 +291,8 @@ _imagenet(
 # of a fixed width, so that every depth samples the same fields.
 
 SWEEP_DEPTHS = (2, 4, 8, 16, 32)
+# The shipped DNL ladder adds N = 1 (h = T): checkpoints/ ships N = 1, 2, 4, 8.
+LADDER_DEPTHS = (1, 2, 4, 8)
 
 _DNL_BASE = dict(
     growth_rate=12,
@@ -315,5 +341,5 @@ def _dnl(name: str, num_layers: int) -> None:
 
 
 for _name in _DNL_VARIANTS:
-    for _n in SWEEP_DEPTHS:
+    for _n in sorted(set(SWEEP_DEPTHS) | set(LADDER_DEPTHS)):
         _dnl(_name, _n)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Trains the shipped Fashion-MNIST ladders with the project's train command and
+# exports each finished run into checkpoints/ with its manifest entry.
+#
+#   bash scripts/train_ladder.sh                      # every rung, in order
+#   bash scripts/train_ladder.sh dnl_conv_n2 ...      # some rungs
+#
+# A run that is interrupted resumes from runs/ladder/NAME when started again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+data_dir=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
+.venv/bin/dnl-zoo data prepare fashion_mnist \
+  --source /usr/share/datasets/fashion-mnist --data-dir "$data_dir" > /dev/null
+
+names=("$@")
+if [ ${#names[@]} -eq 0 ]; then
+  names=(dnl_conv_n1 dnl_conv_n2 dnl_conv_n4 dnl_nonlocal_n4 dnl_conv_n8
+    densenet_bc16_k12_fmnist densenet_bc22_k12_fmnist densenet_bc28_k12_fmnist
+    densenet_bc40_k12_fmnist)
+fi
+for name in "${names[@]}"; do
+  case $name in
+    densenet_*) config=configs/fmnist_densenet_bc_ladder.py ;;
+    dnl_*) config=configs/fmnist_dnl_ladder.py ;;
+    *) echo "no ladder config for $name" >&2; exit 2 ;;
+  esac
+  workdir=runs/ladder/$name
+  mkdir -p "$workdir"
+  echo "== $name: $config -> $workdir"
+  .venv/bin/dnl-zoo train --config "$config" --workdir "$workdir" \
+    --config.model.name="$name" --config.dataset.data_dir="$data_dir"
+done
