@@ -16,8 +16,6 @@ are for this machine only; compare them within one run.
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -27,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dnl_zoo import hardware
 from dnl_zoo.models.densenet import cifar_block_config, cifar_densenet
 
 
@@ -157,20 +156,6 @@ def time_pointwise(batch: int, size: int, steps: int, warmup: int) -> dict:
     return result
 
 
-def hardware() -> str:
-    """The processor, core count and JAX device, in words."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [
-                line.split(":", 1)[1].strip() for line in f if "model name" in line
-            ]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, JAX on {jax.devices()[0].device_kind}"
-
-
 def run(args: argparse.Namespace) -> dict:
     """All measurements of one invocation, as a dict."""
     shape = (args.depth, args.growth_rate, args.batch_size, args.image_size)
@@ -186,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
         for d in args.depths
     ]
     return {
-        "hardware": hardware(),
+        "hardware": hardware.describe(),
         "model": f"DenseNet-BC L={args.depth}, k={args.growth_rate}",
         "batch_size": args.batch_size,
         "image_size": args.image_size,

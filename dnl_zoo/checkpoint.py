@@ -10,8 +10,8 @@ shipped and moved between depths. Orbax writes `weights/` under a temporary name
 and renames it when complete, and `model.json` is replaced only after that, so a
 save that fails leaves the previous model in the directory intact.
 
-# TODO: training checkpoints (optimiser and input state, keep-last-K, resume)
-# come with the trainer; they will hold a model directory of this form.
+Training checkpoints (optimiser and input state, keep-last-K, resume) are the
+trainer's (dnl_zoo.train); `dnl-zoo export` turns a finished run into this form.
 """
 
 import json
@@ -66,6 +66,9 @@ def save_model(directory: str | os.PathLike, model: nnx.Module) -> pathlib.Path:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / "weights", nnx.state(model, WEIGHTS))
             checkpointer.wait_until_finished()  # saves are asynchronous
+        # Orbax's commit marker names the absolute path it wrote to; a model
+        # directory is meant to move (and ship), and restoring does not read it.
+        (staging / "weights" / "commit_success.txt").unlink(missing_ok=True)
         meta = {"format": FORMAT, "class": name, "config": _jsonable(model.config)}
         (staging / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
         _replace(staging, directory)

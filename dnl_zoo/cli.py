@@ -3,10 +3,18 @@
 dnl-zoo models [PATTERN]          list registered models with their sizes
 dnl-zoo info NAME                 one model's metadata as JSON
 dnl-zoo summary NAME [options]    per-stage shapes, then a timed forward pass
+dnl-zoo train --config F --workdir W     train or resume an experiment
+dnl-zoo eval NAME                 test metrics of a shipped checkpoint (sha256 first)
+dnl-zoo eval --config F --workdir W      ... or of a run's latest checkpoint
+dnl-zoo export NAME --config F --workdir W   ship a finished run in checkpoints/
+dnl-zoo finetune NAME --dataset D --workdir W   fine-tune a shipped model
+dnl-zoo reproduce depth-table [--train]   the depth table, as Markdown and a PNG
+dnl-zoo data prepare NAME --source DIR    a TFDS dataset from local IDX files
 """
 
 import argparse
 import json
+import pathlib
 import sys
 import time
 
@@ -147,11 +155,82 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluates the latest checkpoint in --workdir on the eval split."""
-    from dnl_zoo import train
+    """Evaluates a shipped model, or the latest checkpoint in --workdir."""
+    from dnl_zoo import pretrained, train
+
+    if args.name is not None:
+        if args.config or args.workdir:
+            raise ValueError("give a shipped NAME or --config and --workdir, not both")
+        metrics = pretrained.evaluate(
+            args.name, data_dir=args.data_dir, batch_size=args.batch_size
+        )
+        print(json.dumps({"name": args.name, **metrics}))
+        return 0
+    if not (args.config and args.workdir):
+        raise ValueError(
+            "expected a shipped model NAME (dnl-zoo models lists them with a "
+            "pretrained mark) or both --config and --workdir"
+        )
+    config = _experiment(args)
+    if args.data_dir:
+        config.dataset.data_dir = args.data_dir
+    print(json.dumps(train.evaluate_workdir(config, args.workdir)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Ships the finished run in --workdir as checkpoints/NAME."""
+    from dnl_zoo import pretrained
 
     config = _experiment(args)
-    print(json.dumps(train.evaluate_workdir(config, args.workdir)))
+    config.model.name = args.name
+    entry = pretrained.export(args.name, config, args.workdir, config_file=args.config)
+    print(json.dumps({k: entry[k] for k in ("name", "params", "test", "files")}))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tunes a shipped model on --dataset with a new classifier head."""
+    from dnl_zoo import config as config_lib
+    from dnl_zoo import train
+
+    base = config_lib.load(args.config) if args.config else None
+    config = train.finetune_config(
+        args.name,
+        args.dataset,
+        freeze_body=args.freeze_body,
+        data_dir=args.data_dir,
+        base=base,
+    )
+    config = config_lib.override(config, args.overrides)
+    print(json.dumps(train.train_and_evaluate(config, args.workdir)))
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Prints the depth table as Markdown and writes its plot."""
+    from dnl_zoo import config as config_lib
+    from dnl_zoo import reproduce
+
+    out = pathlib.Path(args.out)
+    if args.train:
+        base = config_lib.override(config_lib.load(args.config), args.overrides)
+        workdir = pathlib.Path(args.workdir) / args.budget
+        rows = reproduce.sweep(args.budget, base, workdir, data_dir=args.data_dir)
+        path = out / f"depth_sweep_{args.budget}.png"
+        reproduce.plot(rows, path, ("train_loss", "test_top1"))
+        falls = reproduce.falls_with_depth(rows, "h = T/N", "train_loss")
+        note = f"training loss falls with N for h = T/N: {'yes' if falls else 'no'}"
+    else:
+        rows = reproduce.shipped_table(
+            data_dir=args.data_dir, batch_size=args.batch_size
+        )
+        path = out / "depth_table.png"
+        reproduce.plot(rows, path, ("test_top1", "test_loss"))
+        same = all(reproduce.agrees(row) for row in rows)
+        note = f"every row equals checkpoints/manifest.json: {'yes' if same else 'no'}"
+    print(reproduce.markdown(rows))
+    print(f"\n{note}\nplot: {path}")
     return 0
 
 
@@ -218,9 +297,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_arguments(train)
     train.set_defaults(run=cmd_train)
 
-    evaluate = commands.add_parser("eval", help="evaluate a workdir's checkpoint")
-    _add_experiment_arguments(evaluate)
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a shipped model or a workdir's checkpoint"
+    )
+    evaluate.add_argument("name", nargs="?", help="a shipped model, e.g. dnl_conv_n8")
+    evaluate.add_argument("--config", help="a configs/*.py file (with --workdir)")
+    evaluate.add_argument("--workdir", help="a run's checkpoints and logs")
+    evaluate.add_argument("--data-dir", help="TFDS data_dir (TFDS's default if unset)")
+    evaluate.add_argument("--batch-size", type=int, help="eval batch (any size)")
     evaluate.set_defaults(run=cmd_eval)
+
+    export = commands.add_parser("export", help="ship a finished run's weights")
+    export.add_argument("name", help="the registry name it trained")
+    _add_experiment_arguments(export)
+    export.set_defaults(run=cmd_export)
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a shipped model with a new head"
+    )
+    finetune.add_argument("name", help="a shipped model, e.g. densenet_bc40_k12_fmnist")
+    finetune.add_argument("--dataset", required=True, help="e.g. mnist, cifar10")
+    finetune.add_argument("--workdir", required=True, help="checkpoints and logs")
+    finetune.add_argument("--config", help="a recipe to use instead of the default")
+    finetune.add_argument(
+        "--freeze-body", action="store_true", help="train the classifier alone"
+    )
+    finetune.add_argument("--data-dir", help="TFDS data_dir (TFDS's default if unset)")
+    finetune.set_defaults(run=cmd_finetune)
+
+    reproduce = commands.add_parser("reproduce", help="reproduce a table")
+    reproduce.add_argument("table", choices=["depth-table"])
+    reproduce.add_argument(
+        "--train", action="store_true", help="run the DNL depth sweep from scratch"
+    )
+    reproduce.add_argument("--budget", choices=["quick", "full"], default="quick")
+    reproduce.add_argument(
+        "--config",
+        default="configs/dnl_sweep_fashion_mnist.py",
+        help="the sweep's recipe (with --train)",
+    )
+    reproduce.add_argument("--workdir", default="runs/depth_sweep", help="--train runs")
+    reproduce.add_argument("--out", default="runs/depth_table", help="the PNG's folder")
+    reproduce.add_argument("--data-dir", help="TFDS data_dir (TFDS's default if unset)")
+    reproduce.add_argument("--batch-size", type=int, help="eval batch (any size)")
+    reproduce.set_defaults(run=cmd_reproduce)
 
     data = commands.add_parser("data", help="datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -244,14 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
-    if unknown or (overrides and args.command not in ("train", "eval")):
+    takes_overrides = ("train", "eval", "export", "finetune", "reproduce")
+    if unknown or (overrides and args.command not in takes_overrides):
         build_parser().error(
             f"unrecognised arguments: {' '.join(unknown or overrides)}"
         )
     args.overrides = overrides
     try:
         return args.run(args)
-    except (KeyError, ValueError) as error:
+    except (LookupError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) else error
         print(f"dnl-zoo {args.command}: error: {message}", file=sys.stderr)
         return 2

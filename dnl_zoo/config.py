@@ -27,6 +27,8 @@ def base_config() -> ConfigDict:
     c.dataset = ConfigDict(
         dict(name="fashion_mnist", data_dir="", augment="default", eval_split="")
     )
+    # Fine-tuning: start from the shipped weights of model.name.
+    c.init = ConfigDict(dict(pretrained="", new_head=True, freeze_body=False))
     c.batch_size = 64  # global, over every device and process
     c.num_epochs = 1.0
     c.num_train_steps = -1  # > 0 overrides num_epochs

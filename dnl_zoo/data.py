@@ -479,6 +479,12 @@ def load_source(
     return ArraySource(images, labels)
 
 
+def dataset_version(name: str, data_dir: str | os.PathLike | None = None) -> str:
+    """The TFDS version of `name` as prepared in `data_dir`, e.g. '3.0.1'."""
+    data_dir = os.fspath(data_dir) if data_dir else default_data_dir()
+    return str(tfds.builder(name, data_dir=data_dir).info.version)
+
+
 # ---------------------------------------------------------------------------
 # Augmentation: NumPy, vectorised per batch; `u` holds uniform draws in [0, 1).
 

@@ -41,7 +41,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from tqdm import tqdm
 
 from dnl_zoo import data as data_lib
-from dnl_zoo import depth
+from dnl_zoo import depth, pretrained
 from dnl_zoo.models import layers, registry
 from dnl_zoo.models.dnl import DNLNet
 
@@ -51,17 +51,40 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def create_model(config: ml_collections.ConfigDict, info) -> nnx.Module:
-    """The registered model of `config.model`, sized for the dataset."""
+    """The registered model of `config.model`, sized for the dataset.
+
+    With `config.init.pretrained` set, the model starts from those shipped
+    weights; `config.init.new_head` gives it a freshly initialised classifier.
+    """
     overrides = dict(config.model.overrides)
     overrides.setdefault("in_channels", info.image_shape[-1])
     if config.compute_dtype != "float32":
         overrides["dtype"] = jnp.dtype(config.compute_dtype)
-    return registry.create_model(
-        config.model.name,
-        num_classes=info.num_classes,
+    name, init = config.model.name, config.init
+    if not init.pretrained:
+        return registry.create_model(
+            name, num_classes=info.num_classes, seed=config.seed, **overrides
+        )
+    if init.pretrained != name:
+        raise ValueError(
+            f"init.pretrained={init.pretrained!r} but model.name={name!r}; a "
+            "fine-tune starts from the model it names, so set both to the same"
+        )
+    kwargs = registry.get_spec(name).kwargs | overrides
+    return pretrained.load(
+        name,
         seed=config.seed,
-        **overrides,
+        new_head=init.new_head,
+        num_classes=info.num_classes,
+        **kwargs,
     )
+
+
+def trainable(config) -> nnx.filterlib.Filter:
+    """The parameters a run updates: all, or the classifier alone."""
+    if config.init.freeze_body:
+        return nnx.All(nnx.Param, nnx.PathContains("classifier"))
+    return nnx.Param
 
 
 def create_optimizer(config, total_steps: int, steps_per_epoch: int):
@@ -162,8 +185,10 @@ class Trainer:
 
     def _train_step(self, state, batch):
         model, optimizer = nnx.merge(self.graphdef, state)
-        model.train()
-        grad_fn = nnx.value_and_grad(self._loss, has_aux=True)
+        # A frozen body keeps its BatchNorm statistics: eval mode throughout.
+        model.eval() if self.config.init.freeze_body else model.train()
+        wrt = nnx.DiffState(0, trainable(self.config))
+        grad_fn = nnx.value_and_grad(self._loss, has_aux=True, argnums=wrt)
         (loss, logits), grads = grad_fn(model, batch)
         if self.pmap:
             grads, loss = jax.lax.pmean((grads, loss), "data")
@@ -452,47 +477,138 @@ def build(config, info, total_steps: int, steps_per_epoch: int):
             f"parallelism must be 'jit' or 'pmap', got {config.parallelism!r}"
         )
     tx, schedule = create_optimizer(config, total_steps, steps_per_epoch)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, tx, wrt=trainable(config))
     graphdef, state = nnx.split((model, optimizer))
     pmap = config.parallelism == "pmap"
     trainer = Trainer(config, graphdef, jax.local_devices() if pmap else jax.devices())
-    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, trainable(config))))
     return trainer, state, schedule, params
 
 
 def _restore_latest(config, workdir, step: int | None = None):
-    """(trainer, host state, step) of a checkpoint in `workdir` (latest if None).
+    """(trainer, host state, meta) of a checkpoint in `workdir` (latest if None).
 
     The optimiser's schedule is a placeholder: nothing here trains.
     """
-    info = data_lib.DATASETS[config.dataset.name]
-    trainer, state, _, _ = build(config, info, 1, 1)
+    trainer, state, _, _ = build(config, dataset_info(config), 1, 1)
     manager = checkpoint_manager(pathlib.Path(workdir), config)
     step = step or manager.latest_step()
     if step is None:
         raise FileNotFoundError(
             f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}; train first"
         )
-    state, _ = restore(manager, step, state)
-    return trainer, state, step
+    state, meta = restore(manager, step, state)
+    return trainer, state, meta
 
 
 def evaluate_workdir(config, workdir) -> dict:
     """Eval metrics of the latest checkpoint in `workdir`, with its step."""
     _check_batch(config)
-    trainer, state, step = _restore_latest(config, workdir)
-    eval_loader = _loader(config, data_lib.DATASETS[config.dataset.name], train=False)
-    return {"step": step, **evaluate(trainer, trainer.place_state(state), eval_loader)}
+    trainer, state, meta = _restore_latest(config, workdir)
+    eval_loader = _loader(config, dataset_info(config), train=False)
+    metrics = evaluate(trainer, trainer.place_state(state), eval_loader)
+    return {"step": meta["step"], **metrics}
 
 
-def restore_params(config, workdir, step: int | None = None) -> dict:
+def evaluate_model(config, model: nnx.Module) -> dict:
+    """Eval metrics of `model` on `config.dataset`'s eval split, on every device."""
+    _check_batch(config)
+    tx, _ = create_optimizer(config, 1, 1)  # only to give the state its layout
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+    pmap = config.parallelism == "pmap"
+    trainer = Trainer(config, graphdef, jax.local_devices() if pmap else jax.devices())
+    eval_loader = _loader(config, dataset_info(config), train=False)
+    return evaluate(trainer, trainer.place_state(state), eval_loader)
+
+
+def restore_params(config, workdir, step: int | None = None, *, with_meta=False):
     """{path: numpy array} of the parameters and statistics in a checkpoint.
 
-    Restores onto this process's devices, whatever device count wrote it.
+    Restores onto this process's devices, whatever device count wrote it. With
+    `with_meta`, returns (params, the checkpoint's meta: step, epoch, wall_seconds).
     """
+    trainer, state, meta = _restore_latest(config, workdir, step)
+    model, _ = nnx.merge(trainer.graphdef, state)
+    params = {k: np.asarray(v[...]) for k, v in layers.named_weights(model).items()}
+    return (params, meta) if with_meta else params
+
+
+def restore_model(config, workdir, step: int | None = None) -> nnx.Module:
+    """The model of a checkpoint in `workdir` (latest if None), in eval mode."""
     trainer, state, _ = _restore_latest(config, workdir, step)
     model, _ = nnx.merge(trainer.graphdef, state)
-    return {k: np.asarray(v[...]) for k, v in layers.named_weights(model).items()}
+    model.eval()
+    return model
+
+
+def finetune_config(
+    name: str,
+    dataset: str,
+    *,
+    freeze_body: bool = False,
+    data_dir: str | None = None,
+    base=None,
+) -> ml_collections.ConfigDict:
+    """A config that fine-tunes the shipped `name` on `dataset` with a new head.
+
+    `base` (a config) gives the recipe; by default 2 epochs of SGD with Nesterov
+    momentum, learning rate 0.01 (0.1 with a frozen body), cosine decay.
+    """
+    from dnl_zoo.config import base_config
+
+    config = base_config() if base is None else ml_collections.ConfigDict(base)
+    if base is None:
+        config.num_epochs = 2.0
+        config.batch_size = 128
+        config.optimizer.learning_rate = 0.1 if freeze_body else 0.01
+        config.progress_bar = False
+    config.model.name = name
+    config.dataset.name = dataset
+    config.dataset.data_dir = data_dir or config.dataset.data_dir
+    config.init.update(pretrained=name, new_head=True, freeze_body=freeze_body)
+    return config
+
+
+def finetune(name: str, dataset: str, workdir, **kwargs) -> dict:
+    """Fine-tunes the shipped `name` on `dataset` in `workdir` (see finetune_config).
+
+    Returns:
+      The final eval metrics, as train_and_evaluate returns them.
+    """
+    return train_and_evaluate(finetune_config(name, dataset, **kwargs), workdir)
+
+
+def dataset_info(config) -> data_lib.DatasetInfo:
+    """The DatasetInfo of `config.dataset.name`, or the names that exist."""
+    if config.dataset.name not in data_lib.DATASETS:
+        raise KeyError(
+            f"unknown dataset {config.dataset.name!r}; expected one of "
+            f"{sorted(data_lib.DATASETS)}"
+        )
+    return data_lib.DATASETS[config.dataset.name]
+
+
+def divisible_batch(batch_size: int) -> int:
+    """`batch_size` rounded up to a multiple of the device count."""
+    devices = jax.device_count()
+    return -(-batch_size // devices) * devices
+
+
+def _total(config, steps_per_epoch: int) -> int:
+    if config.num_train_steps > 0:
+        return config.num_train_steps
+    return math.ceil(config.num_epochs * steps_per_epoch)
+
+
+def total_steps(config) -> int:
+    """Training steps of `config`: num_train_steps, else num_epochs of the data."""
+    source = data_lib.load_source(
+        config.dataset.name,
+        dataset_info(config).train_split,
+        config.dataset.data_dir or None,
+        in_memory=False,
+    )
+    return _total(config, len(source) // config.batch_size)
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -506,13 +622,11 @@ def train_and_evaluate(config, workdir) -> dict:
     _lock_workdir(workdir)
     log = Log(workdir)
     _check_batch(config)
-    info = data_lib.DATASETS[config.dataset.name]
+    info = dataset_info(config)
     train_loader = _loader(config, info, train=True)
     eval_loader = _loader(config, info, train=False)
     steps_per_epoch = train_loader.steps_per_epoch
-    total = config.num_train_steps
-    if total <= 0:
-        total = math.ceil(config.num_epochs * steps_per_epoch)
+    total = _total(config, steps_per_epoch)
     every_eval = (
         config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
     )
@@ -533,7 +647,8 @@ def train_and_evaluate(config, workdir) -> dict:
         f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
         f"devices, {jax.process_count()} process(es); global batch "
         f"{config.batch_size}, per device {config.batch_size // jax.device_count()}; "
-        f"{params:,} parameters; {steps_per_epoch} steps per epoch, {total} steps"
+        f"{params:,} trainable parameters; {steps_per_epoch} steps per epoch, "
+        f"{total} steps"
     )
     run = _Run(
         config,
