@@ -422,6 +422,13 @@ def _missing_message(name: str, data_dir: str, path: str, formats: set) -> str:
     return f"{where} {_tfds_instructions(name, data_dir)}"
 
 
+def _prepared_formats(builder) -> set[str]:
+    """The file formats `builder`'s prepared data has (none if unprepared)."""
+    if not builder.is_prepared():
+        return set()
+    return {str(f.value) for f in builder.info.available_file_formats()}
+
+
 def load_source(
     name: str,
     split: str,
@@ -448,10 +455,9 @@ def load_source(
         raise ValueError(f"expected a dataset in {sorted(DATASETS)}, got {name!r}")
     data_dir = os.fspath(data_dir) if data_dir else default_data_dir()
     builder = tfds.builder(name, data_dir=data_dir)
-    formats = {str(f.value) for f in builder.info.available_file_formats()}
-    if not builder.is_prepared() or "array_record" not in formats:
+    found = _prepared_formats(builder)
+    if "array_record" not in found:
         path = os.fspath(builder.data_dir)
-        found = formats if builder.is_prepared() else set()
         raise DataNotFoundError(_missing_message(name, data_dir, path, found))
     if split.split("[")[0] not in builder.info.splits:
         raise ValueError(
@@ -477,6 +483,19 @@ def load_source(
         for index, example in zip(chunk, source.__getitems__(chunk), strict=True):
             images[index], labels[index] = example["image"], example["label"]
     return ArraySource(images, labels)
+
+
+def download(name: str, data_dir: str | os.PathLike | None = None) -> str:
+    """Downloads and prepares `name` with TFDS (needs the internet, e.g. Colab).
+
+    Machines without a network use `prepare` from local files instead. Returns
+    the data_dir the dataset is in.
+    """
+    data_dir = os.fspath(data_dir) if data_dir else default_data_dir()
+    builder = tfds.builder(name, data_dir=data_dir)
+    if "array_record" not in _prepared_formats(builder):
+        builder.download_and_prepare(file_format="array_record")
+    return data_dir
 
 
 def dataset_version(name: str, data_dir: str | os.PathLike | None = None) -> str:

@@ -155,15 +155,15 @@ def evaluate(
 ) -> dict:
     """Test loss and top-1/top-5 accuracy (%) of the shipped `name`.
 
-    Runs on every local device, with any batch size (rounded up to a multiple
-    of the device count; padding is masked out).
+    Runs on every device, with any batch size (rounded up to a multiple of the
+    device count; padding is masked out).
     """
     from dnl_zoo import train
 
     cfg = config(name)
     if data_dir is not None:
         cfg.dataset.data_dir = data_dir
-    cfg.eval_batch_size = train.divisible_batch(batch_size or cfg.eval_batch_size)
+    cfg.eval_batch_size = batch_size or cfg.eval_batch_size
     info = train.dataset_info(cfg)
     model = load(name, **_model_kwargs(name, cfg, info))
     return train.evaluate_model(cfg, model)

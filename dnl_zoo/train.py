@@ -419,14 +419,14 @@ def _alive(pid: int) -> bool:
 
 
 def _check_batch(config) -> None:
-    devices = jax.device_count()
-    for key in ("batch_size", "eval_batch_size"):
-        if config[key] % devices:
-            raise ValueError(
-                f"{key}={config[key]} does not divide over {devices} devices; "
-                f"use a multiple of {devices}, e.g. "
-                f"--config.{key}={devices * max(1, config[key] // devices)}"
-            )
+    # The eval batch is rounded up instead (padding is masked out).
+    devices, batch = jax.device_count(), config.batch_size
+    if batch % devices:
+        raise ValueError(
+            f"batch_size={batch} does not divide over {devices} devices; use a "
+            f"multiple of {devices}, e.g. "
+            f"--config.batch_size={devices * max(1, batch // devices)}"
+        )
 
 
 def evaluate(trainer: Trainer, state, loader) -> dict:
@@ -455,7 +455,9 @@ def _loader(config, info, *, train: bool):
     )
     return data_lib.Loader(
         source,
-        global_batch_size=config.batch_size if train else config.eval_batch_size,
+        global_batch_size=(
+            config.batch_size if train else divisible_batch(config.eval_batch_size)
+        ),
         seed=config.seed if train else 0,
         train=train,
         # Eval images change only for 'imagenet' (resize and centre crop).

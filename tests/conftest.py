@@ -11,6 +11,9 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ["KERAS_BACKEND"] = "numpy"
 
 
+import pathlib  # noqa: E402
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -22,3 +25,48 @@ def fashion_mnist_dir(tmp_path_factory) -> str:
     data_dir = tmp_path_factory.mktemp("tfds")
     data.prepare("fashion_mnist", data.DEBIAN_FASHION_MNIST, str(data_dir))
     return str(data_dir)
+
+
+# A shipped checkpoint made the way scripts/train_ladder.sh makes the real ones:
+# dnl_conv_n1 trained for a few steps on the local Fashion-MNIST, then exported.
+NAME = "dnl_conv_n1"
+CONFIG_FILE = "configs/fmnist_dnl_ladder.py"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def ladder_config(data_dir: str, steps: int = 12):
+    """The DNL ladder's config for NAME, cut to `steps` small steps."""
+    from dnl_zoo import config as config_lib
+
+    config = config_lib.load(ROOT / CONFIG_FILE)
+    config.model.name = NAME
+    config.dataset.data_dir = data_dir
+    config.num_train_steps = steps
+    config.batch_size = 64
+    config.eval_batch_size = 512
+    config.checkpoint.every_steps = steps
+    return config
+
+
+@pytest.fixture(scope="session")
+def shipped(fashion_mnist_dir, tmp_path_factory):
+    """(checkpoint root, manifest entry, config, workdir) of an exported run."""
+    from dnl_zoo import pretrained, train
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    workdir = tmp_path_factory.mktemp("run")
+    config = ladder_config(fashion_mnist_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DNL_ZOO_CHECKPOINTS", str(root))
+        train.train_and_evaluate(config, workdir)
+        entry = pretrained.export(NAME, config, workdir, config_file=CONFIG_FILE)
+    return root, entry, config, workdir
+
+
+@pytest.fixture
+def checkpoints(shipped, monkeypatch, tmp_path):
+    """A private copy of the exported checkpoints, in use for one test."""
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(shipped[0], copy)
+    monkeypatch.setenv("DNL_ZOO_CHECKPOINTS", str(copy))
+    return copy

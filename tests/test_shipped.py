@@ -1,0 +1,76 @@
+"""The checkpoints this repository ships: complete, verified, and as reported.
+
+These read the real checkpoints/ directory (no temporary copies): every file's
+sha256, every manifest field, the size budget, the ladders' order, and one row
+of the depth table recomputed from the weights.
+"""
+
+import pathlib
+
+import pytest
+
+from dnl_zoo import pretrained, reproduce
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FIELDS = [
+    "name",
+    "family",
+    "params",
+    "flops",
+    "dataset",
+    "config_file",
+    "config",
+    "recipe",
+    "epochs",
+    "steps",
+    "wall_seconds",
+    "hardware",
+    "files",
+    "test",
+]
+
+
+@pytest.fixture
+def entries(monkeypatch):
+    monkeypatch.delenv("DNL_ZOO_CHECKPOINTS", raising=False)
+    found = pretrained.manifest()
+    assert found, "checkpoints/manifest.json lists no model"
+    return found
+
+
+def test_every_shipped_file_matches_its_sha256(entries):
+    for name in entries:
+        pretrained.verify(name)
+
+
+def test_every_entry_says_how_it_was_made(entries):
+    for name, entry in entries.items():
+        missing = [key for key in FIELDS if entry.get(key) in (None, "", {})]
+        assert not missing, f"{name} lacks {missing}"
+        assert (ROOT / entry["config_file"]).is_file(), entry["config_file"]
+        assert entry["dataset"]["name"] == "fashion_mnist"
+        assert entry["config"]["model"]["name"] == name
+        assert entry["steps"] and entry["epochs"] == entry["config"]["num_epochs"]
+
+
+def test_checkpoints_stay_small():
+    size = sum(
+        p.stat().st_size for p in (ROOT / "checkpoints").rglob("*") if p.is_file()
+    )
+    assert size < 100e6, f"checkpoints/ holds {size / 1e6:.1f} MB"
+
+
+def test_accuracy_does_not_fall_with_depth_within_a_ladder(entries):
+    ladders = {}
+    for name, entry in entries.items():
+        ladder, depth, _ = reproduce.ladder_of(name)
+        ladders.setdefault(ladder, []).append((depth, entry["test"]["eval_top1"]))
+    for ladder, rungs in ladders.items():
+        accuracies = [accuracy for _, accuracy in sorted(rungs)]
+        assert accuracies == sorted(accuracies), (ladder, sorted(rungs))
+
+
+def test_the_smallest_row_recomputed_from_its_weights(entries, fashion_mnist_dir):
+    smallest = min(entries, key=lambda name: entries[name]["flops"])
+    (row,) = reproduce.shipped_table([smallest], data_dir=fashion_mnist_dir)
+    assert reproduce.agrees(row), row
