@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# Sets up .venv, then runs the main job.
-#
-# NOTE: the main job of dnl_zoo is `dnl-zoo reproduce depth-table` (evaluate the
-# shipped checkpoints and print the depth table). No checkpoint ships yet, so
-# until then this runs a smaller real job: list the registry, then build
-# DenseNet-BC-100 for Fashion-MNIST-sized input, print its stages and run a
-# timed forward pass.
+# Sets up .venv and the local Fashion-MNIST, then runs the main job: evaluate
+# every shipped checkpoint and print the depth table (Markdown), with its plot
+# in runs/depth_table/depth_table.png. Extra arguments go to the command, e.g.
+#   bash scripts/main.sh --train --budget quick
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-
-.venv/bin/dnl-zoo models
-.venv/bin/dnl-zoo summary densenet_bc100_k12 --in-channels 1 --image-size 28
+data_dir=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
+.venv/bin/dnl-zoo data prepare fashion_mnist \
+  --source /usr/share/datasets/fashion-mnist --data-dir "$data_dir" > /dev/null
+.venv/bin/dnl-zoo reproduce depth-table --data-dir "$data_dir" "$@"

@@ -4,14 +4,35 @@
 #
 #   bash scripts/train_ladder.sh                      # every rung, in order
 #   bash scripts/train_ladder.sh dnl_conv_n2 ...      # some rungs
+#   bash scripts/train_ladder.sh --park               # keep unfinished runs in git
 #
 # A run that is interrupted resumes from runs/ladder/NAME when started again.
+# runs/ is not committed: --park copies the latest training checkpoint (with
+# optimiser state) of every unfinished run to checkpoints/training/NAME, from
+# which a fresh clone resumes; the export of the finished run removes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 data_dir=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
 .venv/bin/dnl-zoo data prepare fashion_mnist \
   --source /usr/share/datasets/fashion-mnist --data-dir "$data_dir" > /dev/null
+
+if [ "${1:-}" = --park ]; then
+  for run in runs/ladder/*/; do
+    name=$(basename "$run")
+    [ -f "checkpoints/$name/model.json" ] && continue
+    latest=$(ls "$run/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
+    [ -n "$latest" ] || continue
+    rm -rf "checkpoints/training/$name"
+    mkdir -p "checkpoints/training/$name/checkpoints"
+    cp -r "$run/checkpoints/$latest" "checkpoints/training/$name/checkpoints/"
+    cp "$run/metrics.jsonl" "checkpoints/training/$name/"
+    # Orbax's commit markers name the absolute path they were written to.
+    find "checkpoints/training/$name" -name commit_success.txt -delete
+    echo "parked $name at step $latest"
+  done
+  exit 0
+fi
 
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
@@ -26,8 +47,15 @@ for name in "${names[@]}"; do
     *) echo "no ladder config for $name" >&2; exit 2 ;;
   esac
   workdir=runs/ladder/$name
+  if [ ! -d "$workdir" ] && [ -d "checkpoints/training/$name" ]; then
+    mkdir -p runs/ladder
+    cp -r "checkpoints/training/$name" "$workdir"
+  fi
   mkdir -p "$workdir"
   echo "== $name: $config -> $workdir"
   .venv/bin/dnl-zoo train --config "$config" --workdir "$workdir" \
     --config.model.name="$name" --config.dataset.data_dir="$data_dir"
+  .venv/bin/dnl-zoo export "$name" --config "$config" --workdir "$workdir" \
+    --config.dataset.data_dir="$data_dir"
+  rm -rf "checkpoints/training/$name"
 done
