@@ -6,7 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-data_dir=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
-.venv/bin/dnl-zoo data prepare fashion_mnist \
-  --source /usr/share/datasets/fashion-mnist --data-dir "$data_dir" > /dev/null
+data_dir=$(bash scripts/prepare_data.sh)
 .venv/bin/dnl-zoo reproduce depth-table --data-dir "$data_dir" "$@"

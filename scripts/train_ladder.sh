@@ -13,9 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-data_dir=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
-.venv/bin/dnl-zoo data prepare fashion_mnist \
-  --source /usr/share/datasets/fashion-mnist --data-dir "$data_dir" > /dev/null
+data_dir=$(bash scripts/prepare_data.sh)
 
 if [ "${1:-}" = --park ]; then
   for run in runs/ladder/*/; do

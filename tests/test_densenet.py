@@ -263,3 +263,64 @@ def test_checkpoint_paths_are_readable():
     assert costs.count_params(model) == sum(
         math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param))
     )
+
+
+# ---------------------------------------------------------------------------
+# Block implementations: the same network, computed four ways.
+
+
+def _step(implementation: str, bottleneck: bool, x, y):
+    """Loss, gradients and updated statistics of one train step, plus eval logits."""
+    model = cifar_densenet(
+        16 if bottleneck else 10,
+        6,
+        bottleneck=bottleneck,
+        compression=0.5 if bottleneck else 1.0,
+        implementation=implementation,
+        rngs=nnx.Rngs(0),
+    )
+
+    def loss_fn(model):
+        logits = model(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
+    statistics = nnx.state(model, nnx.BatchStat)
+    model.eval()
+    logits = nnx.jit(lambda m, x: m(x))(model, x)
+    flat = {k: np.asarray(v) for k, v in nnx.to_flat_state(grads)}
+    stats = {k: np.asarray(v) for k, v in nnx.to_flat_state(statistics)}
+    return float(loss), flat, stats, np.asarray(logits)
+
+
+@pytest.mark.parametrize("bottleneck", [True, False])
+@pytest.mark.parametrize("implementation", ["shared", "lean", "scan"])
+def test_every_block_implementation_has_the_plain_gradients(implementation, bottleneck):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 8))
+    loss0, grads0, stats0, logits0 = _step("plain", bottleneck, x, y)
+    loss, grads, stats, logits = _step(implementation, bottleneck, x, y)
+    assert loss == pytest.approx(loss0, rel=1e-6)
+    assert grads.keys() == grads0.keys() and stats.keys() == stats0.keys()
+    for key, expected in grads0.items():
+        scale = np.max(np.abs(expected)) + 1e-12
+        np.testing.assert_allclose(grads[key] / scale, expected / scale, atol=2e-5)
+    for key, expected in stats0.items():
+        np.testing.assert_allclose(stats[key], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, logits0, rtol=1e-4, atol=1e-5)
+
+
+def test_implementation_is_a_choice_of_computation_not_of_weights():
+    plain = dnl_zoo.create_model("densenet_bc40_k12")
+    scanned = dnl_zoo.create_model("densenet_bc40_k12", implementation="scan")
+    assert jax.tree.map(jnp.shape, nnx.state(plain)) == jax.tree.map(
+        jnp.shape, nnx.state(scanned)
+    )
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        dnl_zoo.create_model("densenet_bc40_k12", implementation="fast")
+    with pytest.raises(ValueError, match="without dropout"):
+        model = dnl_zoo.create_model(
+            "densenet_bc40_k12", implementation="scan", dropout_rate=0.2
+        )
+        model(jnp.zeros((2, 32, 32, 3)))

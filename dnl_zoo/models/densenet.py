@@ -60,17 +60,66 @@ class DenseLayer(nnx.Module):
             )
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
-    def __call__(self, history: Array) -> Array:
-        """Maps (batch, H, W, c_0 + (n-1) k) history to (batch, H, W, k)."""
+    def __call__(
+        self,
+        history: Array | list[Array],
+        moments: list[tuple[Array, Array]] | None = None,
+        *,
+        remat: bool = False,
+    ) -> Array:
+        """Maps the history (batch, H, W, c_0 + (n-1) k) to (batch, H, W, k).
+
+        `history` is one array, or its sources [x_0, ..., x_{n-1}], which the
+        layer concatenates only inside its first read (norm, activation,
+        convolution: one fusion). In train mode sources come with their batch
+        `moments` [(mean, var), ...], computed once per source by the block.
+        `remat` recomputes that read in the backward pass instead of storing
+        its output.
+        """
         act = layers.get_activation(self.activation)
-        y = self.dropout(self.conv1(act(self.norm1(history))))
+        sources = history if isinstance(history, list) else [history]
+        shared = None
+        if moments is not None:
+            shared = tuple(jnp.concatenate(m) for m in zip(*moments, strict=True))
+        mean, var = self.norm1.statistics(history, shared)
+        gain, shift = self.norm1.affine(mean, var, sources[0].dtype)
+
+        def read(sources, gain, shift):
+            x = jnp.concatenate(sources, axis=-1)
+            return self.conv1(act(x * gain + shift))
+
+        y = self.dropout(
+            (jax.checkpoint(read) if remat else read)(sources, gain, shift)
+        )
         if self.bottleneck:
             y = self.dropout(self.conv2(act(self.norm2(y))))
         return y
 
 
+IMPLEMENTATIONS = ("plain", "shared", "lean", "scan")
+
+
 class DenseBlock(nnx.Module):
-    """N dense layers; returns the whole history [x_0, x_1, ..., x_N]."""
+    """N dense layers; returns the whole history [x_0, x_1, ..., x_N].
+
+    `implementation` chooses how, never what (same weights, same outputs and
+    gradients to float32 rounding):
+      'plain'   the reference: concatenate after every layer, and every layer
+                takes the BatchNorm statistics of its whole input;
+      'shared'  statistics once per source x_j, shared by every later layer
+                (linear instead of quadratic in depth), and no concatenated
+                history between layers;
+      'lean'    'shared', and each layer's concatenate-norm-activation-conv
+                read is recomputed in the backward pass (memory-efficient
+                DenseNet): activation memory linear in depth;
+      'scan'    one compiled layer for the whole block (`jax.lax.scan`), so
+                compile time does not grow with depth: the history lives in a
+                preallocated buffer of the block's final width, and each
+                layer's weights are zero-padded to that width when called (the
+                stored weights keep their own shapes). The price: every layer
+                reads the full buffer (about twice the first read's FLOPs) and
+                the backward pass keeps one buffer per layer. No dropout.
+    """
 
     def __init__(
         self,
@@ -78,9 +127,17 @@ class DenseBlock(nnx.Module):
         num_layers: int,  # N
         growth_rate: int,  # k
         *,
+        implementation: str = "plain",
         rngs: nnx.Rngs,
         **layer_kwargs,
     ):
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {IMPLEMENTATIONS}, got "
+                f"{implementation!r}"
+            )
+        self.implementation = implementation
+        self.growth_rate = growth_rate
         self.layers = nnx.List(
             [
                 DenseLayer(
@@ -95,10 +152,130 @@ class DenseBlock(nnx.Module):
 
     def __call__(self, x0: Array) -> Array:
         """Maps (batch, H, W, c_0) to (batch, H, W, c_0 + N k)."""
-        history = x0
+        if self.implementation == "plain":
+            history = x0
+            for layer in self.layers:
+                history = jnp.concatenate([history, layer(history)], axis=-1)
+            return history
+        if self.implementation == "scan":
+            return self._scan(x0)
+        norm = self.layers[0].norm1  # any norm: each reduces over the same axes
+        train = not norm.use_running_average
+        sources, moments = [x0], [norm.moments(x0)] if train else None
         for layer in self.layers:
-            history = jnp.concatenate([history, layer(history)], axis=-1)
-        return history
+            y = layer(list(sources), moments, remat=self.implementation == "lean")
+            sources.append(y)
+            if train:
+                moments.append(norm.moments(y))
+        return jnp.concatenate(sources, axis=-1)
+
+    def _padded(self, width: int) -> dict[str, Array]:
+        """Every layer's weights stacked on a new axis 0, inputs padded to `width`.
+
+        What reads the history (norm1, conv1's input axis) is zero-padded (a
+        variance with ones) from that layer's c_0 + n k channels to `width`.
+        """
+        per_layer = [layers.named_weights(layer) for layer in self.layers]
+        stacked = {}
+        for name in per_layer[0]:
+            values = [weights[name][...] for weights in per_layer]
+            if name.startswith("norm1.") or name == "conv1.kernel":
+                axis = values[0].ndim - 2 if name == "conv1.kernel" else 0
+                fill = 1.0 if name == "norm1.var" else 0.0
+                values = [_pad_axis(v, axis, width, fill) for v in values]
+            stacked[name] = jnp.stack(values)
+        return stacked
+
+    def _scan(self, x0: Array) -> Array:
+        """The block as one scanned layer over a (batch, H, W, c_0 + N k) buffer."""
+        first = self.layers[0]
+        if first.dropout.rate > 0:
+            raise ValueError(
+                "implementation='scan' runs without dropout; use 'shared' or "
+                "'lean' with dropout_rate > 0"
+            )
+        c0, k, n_layers = x0.shape[-1], self.growth_rate, len(self.layers)
+        width = c0 + n_layers * k
+        norm1, act = first.norm1, layers.get_activation(first.activation)
+        train = not norm1.use_running_average
+        dtype = first.conv1.dtype or x0.dtype
+        weights = self._padded(width)
+        buffer = jnp.pad(x0, ((0, 0), (0, 0), (0, 0), (0, n_layers * k)))
+        mean0, var0 = norm1.moments(x0) if train else (None, None)
+        moments = (
+            (
+                jnp.pad(mean0, (0, n_layers * k)),
+                jnp.pad(var0, (0, n_layers * k), constant_values=1.0),
+            )
+            if train
+            else None
+        )
+
+        def conv(x, kernel):
+            if kernel.ndim == 2:  # a 1x1 convolution as a matrix product
+                return jnp.dot(x, kernel.astype(dtype))
+            return jax.lax.conv_general_dilated(
+                x,
+                kernel.astype(dtype),
+                (1, 1),
+                ((1, 1), (1, 1)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+
+        def normalise(norm, x, w, prefix, mean, var):
+            gain = w[f"{prefix}.scale"] * jax.lax.rsqrt(var + norm.epsilon)
+            shift = w[f"{prefix}.bias"] - mean * gain
+            return x * gain.astype(dtype) + shift.astype(dtype)
+
+        def layer(carry, inputs):
+            buffer, moments = carry
+            n, w = inputs
+            mean, var = moments if train else (w["norm1.mean"], w["norm1.var"])
+            y = conv(
+                act(normalise(norm1, buffer.astype(dtype), w, "norm1", mean, var)),
+                w["conv1.kernel"],
+            )
+            out = {"norm1": (mean, var)}
+            if first.bottleneck:
+                norm2 = first.norm2
+                stats = norm2.moments(y) if train else (w["norm2.mean"], w["norm2.var"])
+                out["norm2"] = stats
+                y = conv(
+                    act(normalise(norm2, y, w, "norm2", *stats)), w["conv2.kernel"]
+                )
+            offset = c0 + n * k
+            buffer = jax.lax.dynamic_update_slice_in_dim(
+                buffer, y.astype(buffer.dtype), offset, axis=3
+            )
+            if train:
+                mean_y, var_y = norm1.moments(y)
+                moments = (
+                    jax.lax.dynamic_update_slice_in_dim(moments[0], mean_y, offset, 0),
+                    jax.lax.dynamic_update_slice_in_dim(moments[1], var_y, offset, 0),
+                )
+            return (buffer, moments), out
+
+        steps = (jnp.arange(n_layers), weights)
+        (buffer, _), used = jax.lax.scan(layer, (buffer, moments), steps)
+        if train:
+            self._update_running(used, c0, k)
+        return buffer
+
+    def _update_running(self, used: dict, c0: int, k: int) -> None:
+        """Running statistics of each layer from the batch statistics it used."""
+        for n, layer in enumerate(self.layers):
+            for prefix in ("norm1", "norm2") if layer.bottleneck else ("norm1",):
+                norm = getattr(layer, prefix)
+                channels = norm.num_features
+                mean, var = (s[n, :channels] for s in used[prefix])
+                norm.statistics(None, (mean, var))
+
+
+def _pad_axis(x: Array, axis: int, size: int, fill: float) -> Array:
+    """x padded at the end of `axis` to `size` with `fill`."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=fill)
 
 
 class Transition(nnx.Module):
@@ -211,6 +388,8 @@ class DenseNet(nnx.Module):
       stem: 'cifar' or 'imagenet'.
       in_channels: image channels (1 for Fashion-MNIST, 3 for RGB).
       num_classes: outputs of the classifier.
+      implementation: how dense blocks run ('plain', 'shared', 'lean'; see
+        DenseBlock); weights and checkpoints are the same for every choice.
     """
 
     def __init__(
@@ -230,6 +409,7 @@ class DenseNet(nnx.Module):
         norm_epsilon: float = 1e-5,
         norm_momentum: float = 0.9,
         dtype=None,
+        implementation: str = "plain",
         rngs: nnx.Rngs,
     ):
         # The constructor arguments, so that a saved model can be rebuilt.
@@ -258,6 +438,7 @@ class DenseNet(nnx.Module):
                     bottleneck=bottleneck,
                     bottleneck_width=bottleneck_width,
                     dropout_rate=dropout_rate,
+                    implementation=implementation,
                     **common,
                     rngs=rngs,
                 )

@@ -145,25 +145,35 @@ class BatchNorm(nnx.Module):
         )
         return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
-    def __call__(self, x: Array) -> Array:
-        """Maps (..., C) to (..., C), normalised per channel."""
+    def statistics(self, x: Array, moments: tuple[Array, Array] | None = None):
+        """(mean, var) to normalise x with; in train mode updates the running ones.
+
+        `moments`, when given, are x's batch moments computed elsewhere (a dense
+        block computes each source's once and shares them between layers).
+        """
         if self.use_running_average:
-            mean, var = self.mean[...], self.var[...]
-        else:
-            mean, var = self.moments(x)
-            # NOTE: set_value (not `var[...] = v`) keeps tracing linear in depth;
-            # the indexed form asks each traced value for its sharding, which
-            # walks the whole program so far on this JAX version.
-            keep = self.momentum
-            old_mean, old_var = self.mean[...], self.var[...]
-            self.mean.set_value(
-                keep * old_mean + (1 - keep) * jax.lax.stop_gradient(mean)
-            )
-            self.var.set_value(keep * old_var + (1 - keep) * jax.lax.stop_gradient(var))
+            return self.mean[...], self.var[...]
+        mean, var = self.moments(x) if moments is None else moments
+        # NOTE: set_value (not `var[...] = v`) keeps tracing linear in depth;
+        # the indexed form asks each traced value for its sharding, which
+        # walks the whole program so far on this JAX version.
+        keep = self.momentum
+        old_mean, old_var = self.mean[...], self.var[...]
+        self.mean.set_value(keep * old_mean + (1 - keep) * jax.lax.stop_gradient(mean))
+        self.var.set_value(keep * old_var + (1 - keep) * jax.lax.stop_gradient(var))
+        return mean, var
+
+    def affine(self, mean: Array, var: Array, dtype) -> tuple[Array, Array]:
+        """(gain, shift) per channel such that normalised x = x * gain + shift."""
         gain = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
         shift = self.bias[...] - mean * gain
-        dtype = self.dtype or x.dtype
-        return x * gain.astype(dtype) + shift.astype(dtype)
+        dtype = self.dtype or dtype
+        return gain.astype(dtype), shift.astype(dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """Maps (..., C) to (..., C), normalised per channel."""
+        gain, shift = self.affine(*self.statistics(x), x.dtype)
+        return x * gain + shift
 
 
 def batch_norm(
