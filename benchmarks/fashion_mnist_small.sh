@@ -7,12 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 workdir=${1:-runs/bench_fashion_mnist_small}
-data_dir=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
 rm -rf "$workdir"
 mkdir -p "$(dirname "$workdir")"
-
-.venv/bin/dnl-zoo data prepare fashion_mnist \
-  --source /usr/share/datasets/fashion-mnist --data-dir "$data_dir" > /dev/null
+data_dir=$(bash scripts/prepare_data.sh)
 start=$(date +%s.%N)
 .venv/bin/dnl-zoo train --config configs/fashion_mnist_small.py --workdir "$workdir" \
   --config.dataset.data_dir="$data_dir" --config.progress_bar=False | tee "$workdir.log"

@@ -1,22 +1,29 @@
 """Training-step speed and memory of dnl_zoo against PyTorch, in one process.
 
-    .venv/bin/python -m benchmarks.run                      # DenseNet-BC-100 at 32x32
-    .venv/bin/python -m benchmarks.run --depths 40 100 190 250 --json out.json
+    .venv/bin/python -m benchmarks.run                       # everything below
+    .venv/bin/python -m benchmarks.run --models bc100 --depths 40 100 --json out.json
 
 Measures, side by side and in the same run:
 - throughput (images/s, median over --steps timed steps after --warmup) of one
-  SGD-with-momentum training step of a CIFAR DenseNet-BC: dnl_zoo (jax.jit) and
-  PyTorch eager in its default layout (NCHW) and channels_last, same
-  architecture, batch and optimiser;
-- for each depth in --depths: dnl_zoo's compile time and XLA's temporary bytes
-  of the compiled training step (`memory_analysis().temp_size_in_bytes`).
-It prints one Markdown table with ratios and writes the same as JSON. Numbers
-are for this machine only; compare them within one run.
+  SGD-with-momentum training step of DenseNet-BC-100 (k=12, 32x32, batch 64)
+  and DenseNet-121 (224x224, batch 8): dnl_zoo (jax.jit) with each dense-block
+  implementation, and PyTorch eager in its default layout (NCHW) and
+  channels_last, same architecture, batch and optimiser;
+- for each CIFAR DenseNet-BC depth in --depths and each implementation: compile
+  seconds, XLA's temporary bytes of the compiled training step
+  (`memory_analysis().temp_size_in_bytes`), and the peak resident memory of a
+  fresh process that compiles and runs that one step (the JAX runtime included);
+- a 1x1 convolution as `conv_general_dilated` and as a matrix product.
+It prints Markdown tables with ratios and writes the same as JSON. Numbers are
+for this machine only; compare them within one run.
 """
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -26,11 +33,44 @@ import optax
 from flax import nnx
 
 from dnl_zoo import hardware
-from dnl_zoo.models.densenet import cifar_block_config, cifar_densenet
+from dnl_zoo.models.densenet import IMPLEMENTATIONS, DenseNet, cifar_block_config
+
+# name: (dnl_zoo DenseNet arguments, batch, image size, classes)
+MODELS = {
+    "bc100": (
+        dict(block_config=cifar_block_config(100, True), growth_rate=12,
+             num_init_features=24, stem="cifar"),
+        64, 32, 10,
+    ),
+    "densenet121": (
+        dict(block_config=(6, 12, 24, 16), growth_rate=32, num_init_features=64,
+             stem="imagenet"),
+        8, 224, 1000,
+    ),
+}  # fmt: skip
 
 
-def _jax_step(model, optimizer):
-    """The compiled training step of dnl_zoo: (state, images, labels) -> state."""
+def cifar_bc(depth: int, growth_rate: int = 12) -> dict:
+    """DenseNet arguments of the CIFAR DenseNet-BC of depth L."""
+    return dict(
+        block_config=cifar_block_config(depth, True),
+        growth_rate=growth_rate,
+        num_init_features=2 * growth_rate,
+        stem="cifar",
+    )
+
+
+def build_jax(arch: dict, classes: int, implementation: str):
+    """The compiled training step (state, images, labels) -> (state, loss)."""
+    model = DenseNet(
+        **arch,
+        bottleneck=True,
+        compression=0.5,
+        num_classes=classes,
+        implementation=implementation,
+        rngs=nnx.Rngs(0),
+    )
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
 
     def step(state, images, labels):
@@ -50,17 +90,15 @@ def _jax_step(model, optimizer):
     return jax.jit(step, donate_argnums=0), state
 
 
-def build_jax(depth: int, growth_rate: int):
-    model = cifar_densenet(
-        depth, growth_rate, bottleneck=True, compression=0.5, rngs=nnx.Rngs(0)
-    )
-    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
-    return _jax_step(model, optimizer)
+def _inputs(batch: int, size: int, classes: int):
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
+    return images, jnp.asarray(rng.integers(0, classes, batch), jnp.int32)
 
 
-def compile_stats(depth: int, growth_rate: int, batch: int, size: int) -> dict:
+def compile_stats(arch, classes, batch, size, implementation) -> dict:
     """Compile seconds and XLA temporary bytes of dnl_zoo's training step."""
-    step, state = build_jax(depth, growth_rate)
+    step, state = build_jax(arch, classes, implementation)
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     start = time.perf_counter()
@@ -68,10 +106,25 @@ def compile_stats(depth: int, growth_rate: int, batch: int, size: int) -> dict:
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     return {
-        "depth": depth,
         "compile_s": seconds,
         "temp_bytes": int(memory.temp_size_in_bytes) if memory else None,
     }
+
+
+def peak_rss(depth: int, batch: int, size: int, implementation: str) -> int:
+    """Peak resident bytes of a fresh process that compiles and runs one step."""
+    command = [sys.executable, "-m", "benchmarks.run", "--one-step"]
+    command += [str(depth), str(batch), str(size), implementation]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with status {status}")
+    return usage.ru_maxrss * 1024  # kilobytes on Linux
+
+
+def _one_step(depth: int, batch: int, size: int, implementation: str) -> None:
+    step, state = build_jax(cifar_bc(depth), 10, implementation)
+    jax.block_until_ready(step(state, *_inputs(batch, size, 10)))
 
 
 def _step_times(run_step, steps: int, warmup: int) -> list[float]:
@@ -85,11 +138,9 @@ def _step_times(run_step, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def time_jax(depth, growth_rate, batch, size, steps, warmup) -> list[float]:
-    step, state = build_jax(depth, growth_rate)
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+def time_jax(arch, classes, batch, size, implementation, steps, warmup):
+    step, state = build_jax(arch, classes, implementation)
+    images, labels = _inputs(batch, size, classes)
     carry = [state]
 
     def run_step():
@@ -99,20 +150,20 @@ def time_jax(depth, growth_rate, batch, size, steps, warmup) -> list[float]:
     return _step_times(run_step, steps, warmup)
 
 
-def time_torch(depth, growth_rate, batch, size, steps, warmup, channels_last):
+def time_torch(arch, classes, batch, size, channels_last, steps, warmup):
     import torch
 
-    from benchmarks.torch_densenet import DenseNet
+    from benchmarks.torch_densenet import DenseNet as TorchDenseNet
 
-    model = DenseNet(
-        cifar_block_config(depth, bottleneck=True),
-        growth_rate,
-        2 * growth_rate,
-        stem="cifar",
-        num_classes=10,
+    model = TorchDenseNet(
+        arch["block_config"],
+        arch["growth_rate"],
+        arch["num_init_features"],
+        stem=arch["stem"],
+        num_classes=classes,
     )
     images = torch.randn(batch, 3, size, size)
-    labels = torch.randint(0, 10, (batch,))
+    labels = torch.randint(0, classes, (batch,))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -156,82 +207,133 @@ def time_pointwise(batch: int, size: int, steps: int, warmup: int) -> dict:
     return result
 
 
+def _throughput(name: str, args) -> dict:
+    arch, batch, size, classes = MODELS[name]
+    if args.batch_size:
+        batch = args.batch_size
+    if args.image_size:
+        size = args.image_size
+    if args.depth and name == "bc100":
+        arch = cifar_bc(args.depth)
+    timing = (args.steps, args.warmup)
+    times = {
+        f"dnl_zoo {impl}": time_jax(arch, classes, batch, size, impl, *timing)
+        for impl in args.implementations
+    }
+    if not args.no_torch:
+        for layout, channels_last in (("", False), (" channels_last", True)):
+            times[f"torch{layout}"] = time_torch(
+                arch, classes, batch, size, channels_last, *timing
+            )
+    speeds = {k: batch / statistics.median(v) for k, v in times.items()}
+    return {"batch_size": batch, "image_size": size, "images_per_s": speeds}
+
+
 def run(args: argparse.Namespace) -> dict:
     """All measurements of one invocation, as a dict."""
-    shape = (args.depth, args.growth_rate, args.batch_size, args.image_size)
-    timing = (args.steps, args.warmup)
-    throughput = {"dnl_zoo": time_jax(*shape, *timing)}
-    if not args.no_torch:
-        throughput["torch"] = time_torch(*shape, *timing, channels_last=False)
-        throughput["torch_channels_last"] = time_torch(
-            *shape, *timing, channels_last=True
-        )
-    depths = [
-        compile_stats(d, args.growth_rate, args.batch_size, args.image_size)
-        for d in args.depths
+    result = {"hardware": hardware.describe(), "throughput": {}, "depths": []}
+    for name in args.models:
+        result["throughput"][name] = _throughput(name, args)
+    batch, size = args.memory_batch_size, args.memory_image_size
+    for depth in args.depths:
+        for impl in args.memory_implementations or args.implementations:
+            row = {"depth": depth, "implementation": impl}
+            row |= compile_stats(cifar_bc(depth), 10, batch, size, impl)
+            if not args.no_rss:
+                row["peak_rss_bytes"] = peak_rss(depth, batch, size, impl)
+            result["depths"].append(row)
+    result["memory_batch_size"], result["memory_image_size"] = batch, size
+    result["pointwise_gflops"] = time_pointwise(
+        args.memory_batch_size, args.memory_image_size, args.steps, args.warmup
+    )
+    return result
+
+
+def _throughput_table(name: str, entry: dict) -> list[str]:
+    speeds = entry["images_per_s"]
+    torch_names = [k for k in speeds if k.startswith("torch")]
+    head = "| training step | images/s |" + "".join(f" / {k} |" for k in torch_names)
+    lines = [
+        f"{name}, batch {entry['batch_size']}, "
+        f"{entry['image_size']}x{entry['image_size']}:",
+        "",
+        head,
+        "|" + "---|" * (2 + len(torch_names)),
     ]
-    return {
-        "hardware": hardware.describe(),
-        "model": f"DenseNet-BC L={args.depth}, k={args.growth_rate}",
-        "batch_size": args.batch_size,
-        "image_size": args.image_size,
-        "throughput_images_per_s": {
-            name: args.batch_size / statistics.median(times)
-            for name, times in throughput.items()
-        },
-        "pointwise_gflops": time_pointwise(args.batch_size, args.image_size, *timing),
-        "depths": depths,
-    }
+    for key, value in speeds.items():
+        ratios = "".join(f" {value / speeds[t]:.2f}x |" for t in torch_names)
+        lines.append(f"| {key} | {value:.1f} |{ratios}")
+    return lines + [""]
+
+
+def _mib(value) -> str:
+    return f"{value / 2**20:.0f}" if value is not None else "-"
 
 
 def table(result: dict) -> str:
-    """The result as Markdown, with ratios to PyTorch and to the first depth."""
-    lines = [
-        f"{result['model']}, batch {result['batch_size']}, "
-        f"{result['image_size']}x{result['image_size']}; {result['hardware']}",
-        "",
-        "| training step | images/s | dnl_zoo / this |",
-        "|---|---|---|",
-    ]
-    speeds = result["throughput_images_per_s"]
-    for name, value in speeds.items():
-        lines.append(f"| {name} | {value:.1f} | {speeds['dnl_zoo'] / value:.2f}x |")
+    """The result as Markdown, with ratios to PyTorch and to the plain block."""
+    lines = [result["hardware"], ""]
+    for name, entry in result["throughput"].items():
+        lines += _throughput_table(name, entry)
+    rows = result["depths"]
+    if rows:
+        lines += [
+            f"CIFAR DenseNet-BC k=12, batch {result['memory_batch_size']}, "
+            f"{result['memory_image_size']}x{result['memory_image_size']}:",
+            "",
+            "| depth L | implementation | compile s | vs first depth | XLA temp MiB "
+            "| vs plain | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        first = {r["implementation"]: r for r in rows if r["depth"] == rows[0]["depth"]}
+        plain = {r["depth"]: r for r in rows if r["implementation"] == "plain"}
+        for r in rows:
+            base = plain.get(r["depth"])
+            vs_plain = (
+                f"{r['temp_bytes'] / base['temp_bytes']:.2f}x"
+                if base and r["temp_bytes"] and base["temp_bytes"]
+                else "-"
+            )
+            vs_first = r["compile_s"] / first[r["implementation"]]["compile_s"]
+            lines.append(
+                f"| {r['depth']} | {r['implementation']} | {r['compile_s']:.1f} | "
+                f"{vs_first:.2f}x | {_mib(r['temp_bytes'])} | {vs_plain} | "
+                f"{_mib(r.get('peak_rss_bytes'))} |"
+            )
+        lines.append("")
     ops = result["pointwise_gflops"]
     lines += [
-        "",
         "| 1x1 convolution 120 -> 48, forward and backward | GFLOP/s |",
         "|---|---|",
         f"| as conv_general_dilated | {ops['conv']:.1f} |",
         f"| as a matrix product | {ops['matmul']:.1f} |",
     ]
-    lines += [
-        "",
-        "| depth L | compile s | XLA temp MiB | compile / first |",
-        "|---|---|---|---|",
-    ]
-    first = result["depths"][0]["compile_s"] if result["depths"] else 1.0
-    for row in result["depths"]:
-        mib = (
-            row["temp_bytes"] / 2**20 if row["temp_bytes"] is not None else float("nan")
-        )
-        lines.append(
-            f"| {row['depth']} | {row['compile_s']:.1f} | {mib:.1f} | "
-            f"{row['compile_s'] / first:.2f}x |"
-        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parses flags, measures, prints the table and writes --json."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--one-step"]:
+        depth, batch, size, impl = argv[1:5]
+        _one_step(int(depth), int(batch), int(size), impl)
+        return {}
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depth", type=int, default=100, help="L of the speed test")
-    parser.add_argument("--growth-rate", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--implementations", nargs="*", default=list(IMPLEMENTATIONS))
+    parser.add_argument("--depth", type=int, help="L of bc100's speed test instead")
+    parser.add_argument("--batch-size", type=int, help="instead of each model's")
+    parser.add_argument("--image-size", type=int, help="instead of each model's")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--depths", type=int, nargs="*", default=[40, 100])
+    parser.add_argument("--depths", type=int, nargs="*", default=[40, 100, 190, 250])
+    parser.add_argument(
+        "--memory-implementations", nargs="*", help="for --depths (default: all)"
+    )
+    parser.add_argument("--memory-batch-size", type=int, default=64)
+    parser.add_argument("--memory-image-size", type=int, default=32)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-rss", action="store_true", help="skip peak RSS")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args(argv)
     result = run(args)

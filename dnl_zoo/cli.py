@@ -215,9 +215,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     if args.train:
         base = config_lib.override(config_lib.load(args.config), args.overrides)
-        workdir = pathlib.Path(args.workdir) / args.budget
-        rows = reproduce.sweep(args.budget, base, workdir, data_dir=args.data_dir)
-        path = out / f"depth_sweep_{args.budget}.png"
+        budget, name = reproduce.budget(
+            args.budget, depths=args.depths, steps=args.steps, split=args.train_split
+        )
+        workdir = pathlib.Path(args.workdir) / name
+        rows = reproduce.sweep(budget, base, workdir, data_dir=args.data_dir)
+        path = out / f"depth_sweep_{workdir.name}.png"
         reproduce.plot(rows, path, ("train_loss", "test_top1"))
         falls = reproduce.falls_with_depth(rows, "h = T/N", "train_loss")
         note = f"training loss falls with N for h = T/N: {'yes' if falls else 'no'}"
@@ -331,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--train", action="store_true", help="run the DNL depth sweep from scratch"
     )
     reproduce.add_argument("--budget", choices=["quick", "full"], default="quick")
+    reproduce.add_argument("--depths", type=int, nargs="*", help="N instead")
+    reproduce.add_argument("--steps", type=int, help="training steps instead")
+    reproduce.add_argument("--train-split", help="e.g. 'train[:5000]' instead")
     reproduce.add_argument(
         "--config",
         default="configs/dnl_sweep_fashion_mnist.py",

@@ -25,7 +25,13 @@ def base_config() -> ConfigDict:
     c.seed = 0
     c.model = ConfigDict(dict(name="densenet_bc100_k12", overrides=ConfigDict()))
     c.dataset = ConfigDict(
-        dict(name="fashion_mnist", data_dir="", augment="default", eval_split="")
+        dict(
+            name="fashion_mnist",
+            data_dir="",
+            augment="default",
+            train_split="",  # '' for the dataset's own, e.g. 'train[:5000]'
+            eval_split="",
+        )
     )
     # Fine-tuning: start from the shipped weights of model.name.
     c.init = ConfigDict(dict(pretrained="", new_head=True, freeze_body=False))

@@ -238,7 +238,7 @@ def export(name: str, cfg, workdir: str | os.PathLike, *, config_file: str) -> d
         "dataset": {
             "name": cfg.dataset.name,
             "version": data.dataset_version(cfg.dataset.name, cfg.dataset.data_dir),
-            "train_split": info.train_split,
+            "train_split": cfg.dataset.train_split or info.train_split,
             "eval_split": cfg.dataset.eval_split or info.eval_split,
         },
         "config_file": config_file,

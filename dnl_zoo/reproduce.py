@@ -132,15 +132,38 @@ class Budget:
     depths: tuple[int, ...]
     num_train_steps: int  # -1: the config's epochs
     batch_size: int
+    train_split: str  # what trains; '' for the whole train split
     train_loss_split: str  # train images whose loss is the "final training loss"
 
 
 BUDGETS = {
     # Under 15 minutes on a 2-core CPU: the direction of the effect, not its size.
-    "quick": Budget((1, 2, 4, 8), 150, 64, "train[:5000]"),
-    "full": Budget(registry.SWEEP_DEPTHS, -1, 128, "train"),
+    "quick": Budget((1, 2, 4, 8), 150, 64, "", "train[:5000]"),
+    "full": Budget(registry.SWEEP_DEPTHS, -1, 128, "", "train"),
 }
 SWEEP_FAMILIES = {"dnl_conv_n{n}": "h = T/N", "dnl_conv_n{n}_h1": "h = 1"}
+
+
+def budget(
+    name: str,
+    *,
+    depths: list[int] | None = None,
+    steps: int | None = None,
+    split: str | None = None,
+) -> tuple[Budget, str]:
+    """BUDGETS[name] with any of its depths, steps or train split replaced.
+
+    Returns the budget and a name for its runs: `name` itself, or one that
+    spells out what changed, so that different budgets never share a run.
+    """
+    base = BUDGETS[name]
+    changes = dict(depths=tuple(depths or ()), num_train_steps=steps, train_split=split)
+    plan = dataclasses.replace(base, **{k: v for k, v in changes.items() if v})
+    if plan == base:
+        return plan, name
+    depths_text = "_".join(map(str, plan.depths))
+    split_text = "".join(c for c in plan.train_split if c.isalnum())
+    return plan, f"{name}_n{depths_text}_steps{plan.num_train_steps}{split_text}"
 
 
 def sweep_config(name: str, budget: Budget, base) -> ml_collections.ConfigDict:
@@ -149,6 +172,7 @@ def sweep_config(name: str, budget: Budget, base) -> ml_collections.ConfigDict:
     config.model.name = name
     config.batch_size = budget.batch_size
     config.num_train_steps = budget.num_train_steps
+    config.dataset.train_split = budget.train_split
     config.progress_bar = False
     if budget.num_train_steps > 0:
         config.checkpoint.every_steps = budget.num_train_steps
@@ -158,12 +182,19 @@ def sweep_config(name: str, budget: Budget, base) -> ml_collections.ConfigDict:
 
 
 def sweep(
-    budget: str, base, workdir: str | pathlib.Path, *, data_dir: str | None = None
+    budget: "str | Budget",
+    base,
+    workdir: str | pathlib.Path,
+    *,
+    data_dir: str | None = None,
 ) -> list[dict]:
-    """Trains and measures every model of the sweep; resumes what is in `workdir`."""
+    """Trains and measures every model of the sweep; resumes what is in `workdir`.
+
+    `budget` is a name in BUDGETS or a Budget of one's own.
+    """
     from dnl_zoo import train
 
-    plan = BUDGETS[budget]
+    plan = BUDGETS[budget] if isinstance(budget, str) else budget
     rows = []
     for pattern, ladder in SWEEP_FAMILIES.items():
         for n in plan.depths:

@@ -446,7 +446,11 @@ def evaluate(trainer: Trainer, state, loader) -> dict:
 
 def _loader(config, info, *, train: bool):
     """The train or eval Loader of `config.dataset`, this process's share."""
-    split = info.train_split if train else config.dataset.eval_split or info.eval_split
+    split = (
+        config.dataset.train_split or info.train_split
+        if train
+        else config.dataset.eval_split or info.eval_split
+    )
     source = data_lib.load_source(
         config.dataset.name, split, config.dataset.data_dir or None
     )
@@ -606,7 +610,7 @@ def total_steps(config) -> int:
     """Training steps of `config`: num_train_steps, else num_epochs of the data."""
     source = data_lib.load_source(
         config.dataset.name,
-        dataset_info(config).train_split,
+        config.dataset.train_split or dataset_info(config).train_split,
         config.dataset.data_dir or None,
         in_memory=False,
     )

@@ -227,11 +227,14 @@ def test_any_block_config_stem_and_channels():
 
 def test_registry_lists_filters_and_explains_mistakes():
     assert "densenet121" in dnl_zoo.list_models()
-    assert dnl_zoo.list_models("densenet_bc*") == [
+    assert dnl_zoo.list_models("densenet_bc*_k??") == [
         "densenet_bc100_k12",
         "densenet_bc190_k40",
         "densenet_bc250_k24",
         "densenet_bc40_k12",
+    ]
+    assert dnl_zoo.list_models("*_fmnist") == [
+        f"densenet_bc{depth}_k12_fmnist" for depth in (16, 22, 28, 40)
     ]
     with pytest.raises(KeyError, match="did you mean densenet121"):
         dnl_zoo.create_model("densenet12")

@@ -17,15 +17,64 @@ or 32x32 input) and 'imagenet' (7x7 stride-2 convolution, BN, ReLU, 3x3 stride-2
 max pooling).
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dnl_zoo.models import layers
 
 Array = jax.Array
+
+
+def _conv(a: Array, kernel: Array) -> Array:
+    """A dense layer's first convolution: 1x1 as (in, out), or 3x3 HWIO, NHWC."""
+    if kernel.ndim == 2:
+        return jnp.dot(a, kernel)
+    dims = ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(
+        a, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def lean_read(activation: str, sources, gain, shift, kernel) -> Array:
+    """conv(act(concat(sources) * gain + shift), kernel), keeping only its inputs.
+
+    Maps sources [(batch, H, W, c_j)], per-channel gain and shift (C,) with
+    C = sum c_j, and a kernel (C, out) or (3, 3, C, out) to (batch, H, W, out).
+    The backward pass recomputes the concatenation, norm and activation from
+    the sources (which the block keeps anyway): what the memory-efficient
+    DenseNets do, so that a layer's backward state does not grow with C.
+    """
+    x = jnp.concatenate(sources, axis=-1)
+    return _conv(layers.get_activation(activation)(x * gain + shift), kernel)
+
+
+def _lean_read_forward(activation, sources, gain, shift, kernel):
+    y = lean_read(activation, sources, gain, shift, kernel)
+    return y, (sources, gain, shift, kernel)
+
+
+def _lean_read_backward(activation, saved, dy):
+    # The barrier ties the recomputation to the incoming gradient, so that XLA
+    # cannot schedule it in the forward pass (which would keep it alive).
+    (sources, gain, shift, kernel), dy = jax.lax.optimization_barrier((saved, dy))
+    x = jnp.concatenate(sources, axis=-1)
+    a, activation_vjp = jax.vjp(layers.get_activation(activation), x * gain + shift)
+    (da,) = jax.linear_transpose(lambda a: _conv(a, kernel), a)(dy)
+    (dkernel,) = jax.linear_transpose(lambda k: _conv(a, k), kernel)(dy)
+    (dz,) = activation_vjp(da)
+    axes = tuple(range(dz.ndim - 1))
+    ends = np.cumsum([s.shape[-1] for s in sources])[:-1]
+    dsources = jnp.split(dz * gain, ends, axis=-1)
+    return list(dsources), jnp.sum(dz * x, axes), jnp.sum(dz, axes), dkernel
+
+
+lean_read.defvjp(_lean_read_forward, _lean_read_backward)
 
 
 class DenseLayer(nnx.Module):
@@ -65,7 +114,7 @@ class DenseLayer(nnx.Module):
         history: Array | list[Array],
         moments: list[tuple[Array, Array]] | None = None,
         *,
-        remat: bool = False,
+        lean: bool = False,
     ) -> Array:
         """Maps the history (batch, H, W, c_0 + (n-1) k) to (batch, H, W, k).
 
@@ -73,8 +122,8 @@ class DenseLayer(nnx.Module):
         layer concatenates only inside its first read (norm, activation,
         convolution: one fusion). In train mode sources come with their batch
         `moments` [(mean, var), ...], computed once per source by the block.
-        `remat` recomputes that read in the backward pass instead of storing
-        its output.
+        `lean` keeps only the sources for the backward pass of that read and
+        recomputes the rest there (see `lean_read`).
         """
         act = layers.get_activation(self.activation)
         sources = history if isinstance(history, list) else [history]
@@ -84,13 +133,12 @@ class DenseLayer(nnx.Module):
         mean, var = self.norm1.statistics(history, shared)
         gain, shift = self.norm1.affine(mean, var, sources[0].dtype)
 
-        def read(sources, gain, shift):
-            x = jnp.concatenate(sources, axis=-1)
-            return self.conv1(act(x * gain + shift))
-
-        y = self.dropout(
-            (jax.checkpoint(read) if remat else read)(sources, gain, shift)
-        )
+        if lean:
+            kernel = self.conv1.kernel[...].astype(gain.dtype)
+            y = lean_read(self.activation, sources, gain, shift, kernel)
+        else:
+            y = self.conv1(act(jnp.concatenate(sources, axis=-1) * gain + shift))
+        y = self.dropout(y)
         if self.bottleneck:
             y = self.dropout(self.conv2(act(self.norm2(y))))
         return y
@@ -162,8 +210,9 @@ class DenseBlock(nnx.Module):
         norm = self.layers[0].norm1  # any norm: each reduces over the same axes
         train = not norm.use_running_average
         sources, moments = [x0], [norm.moments(x0)] if train else None
+        lean = self.implementation == "lean"
         for layer in self.layers:
-            y = layer(list(sources), moments, remat=self.implementation == "lean")
+            y = layer(list(sources), moments, lean=lean)
             sources.append(y)
             if train:
                 moments.append(norm.moments(y))
