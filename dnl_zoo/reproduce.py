@@ -26,6 +26,8 @@ _COLUMNS = {
     "train_loss": ("train loss", "{:.4f}"),
     "test_top1": ("test top-1 %", "{:.2f}"),
     "test_loss": ("test loss", "{:.4f}"),
+    "epochs": ("epochs", "{:g}"),
+    "train_minutes": ("training min", "{:.0f}"),
 }
 PRECISION = {"test_top1": 2, "test_loss": 4, "train_loss": 4}
 
@@ -77,6 +79,8 @@ def shipped_table(
                 "mflops": entry["flops"] / 1e6,
                 "test_top1": metrics["eval_top1"],
                 "test_loss": metrics["eval_loss"],
+                "epochs": entry["epochs"],
+                "train_minutes": (entry["wall_seconds"] or float("nan")) / 60,
                 "manifest_top1": entry["test"]["eval_top1"],
                 "manifest_loss": entry["test"]["eval_loss"],
             }

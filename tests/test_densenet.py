@@ -1,6 +1,9 @@
 """The DenseNet family: parameter counts, shapes, modes, jit, and learning."""
 
+import contextlib
+import io
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 import dnl_zoo
 from dnl_zoo.models import costs
@@ -327,3 +331,27 @@ def test_implementation_is_a_choice_of_computation_not_of_weights():
             "densenet_bc40_k12", implementation="scan", dropout_rate=0.2
         )
         model(jnp.zeros((2, 32, 32, 3)))
+
+
+def _residual_elements(implementation: str) -> int:
+    """Elements of the (batch, H, W, C) arrays saved for one backward pass."""
+    model = cifar_densenet(
+        40, 12, bottleneck=True, compression=0.5, implementation=implementation,
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x, y = jnp.zeros((4, 16, 16, 3)), jnp.zeros((4,), jnp.int32)
+
+    def loss(params, rest):
+        model = nnx.merge(graphdef, params, rest)
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(loss, params, rest)  # 'f32[4,16,16,24] from ...'
+    shapes = re.findall(r"^\w+\[(\d+),(\d+),(\d+),(\d+)\]", printed.getvalue(), re.M)
+    return sum(math.prod(map(int, shape)) for shape in shapes)
+
+
+def test_lean_blocks_save_far_fewer_residuals_than_plain():
+    assert _residual_elements("lean") < 0.7 * _residual_elements("plain")
