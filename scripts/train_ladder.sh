@@ -12,14 +12,11 @@
 # which a fresh clone resumes; the export of the finished run removes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-data_dir=$(bash scripts/prepare_data.sh)
-
 if [ "${1:-}" = --park ]; then
   for run in runs/ladder/*/; do
     name=$(basename "$run")
     [ -f "checkpoints/$name/model.json" ] && continue
-    latest=$(ls "$run/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
+    latest=$(ls "$run/checkpoints" 2> /dev/null | grep -E '^[0-9]+$' | sort -n | tail -1 || true)
     [ -n "$latest" ] || continue
     rm -rf "checkpoints/training/$name"
     mkdir -p "checkpoints/training/$name/checkpoints"
@@ -31,6 +28,9 @@ if [ "${1:-}" = --park ]; then
   done
   exit 0
 fi
+
+bash scripts/setup.sh
+data_dir=$(bash scripts/prepare_data.sh)
 
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
@@ -44,6 +44,10 @@ for name in "${names[@]}"; do
     dnl_*) config=configs/fmnist_dnl_ladder.py ;;
     *) echo "no ladder config for $name" >&2; exit 2 ;;
   esac
+  if [ -f "checkpoints/$name/model.json" ] && [ -z "${RETRAIN:-}" ]; then
+    echo "== $name: shipped already (RETRAIN=1 trains and exports it again)"
+    continue
+  fi
   workdir=runs/ladder/$name
   if [ ! -d "$workdir" ] && [ -d "checkpoints/training/$name" ]; then
     mkdir -p runs/ladder
