@@ -6,6 +6,6 @@ bash scripts/setup.sh
 
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .
-# Two workers, one test module each at a time: the suite is mostly compiling,
-# which leaves a core idle in a single process.
+# Two workers, one test file each at a time: the suite is mostly
+# compiling, which leaves a core idle in a single process.
 exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"
