@@ -35,20 +35,6 @@ from flax import nnx
 from dnl_zoo import hardware
 from dnl_zoo.models.densenet import IMPLEMENTATIONS, DenseNet, cifar_block_config
 
-# name: (dnl_zoo DenseNet arguments, batch, image size, classes)
-MODELS = {
-    "bc100": (
-        dict(block_config=cifar_block_config(100, True), growth_rate=12,
-             num_init_features=24, stem="cifar"),
-        64, 32, 10,
-    ),
-    "densenet121": (
-        dict(block_config=(6, 12, 24, 16), growth_rate=32, num_init_features=64,
-             stem="imagenet"),
-        8, 224, 1000,
-    ),
-}  # fmt: skip
-
 
 def cifar_bc(depth: int, growth_rate: int = 12) -> dict:
     """DenseNet arguments of the CIFAR DenseNet-BC of depth L."""
@@ -58,6 +44,17 @@ def cifar_bc(depth: int, growth_rate: int = 12) -> dict:
         num_init_features=2 * growth_rate,
         stem="cifar",
     )
+
+
+# name: (dnl_zoo DenseNet arguments, batch, image size, classes)
+MODELS = {
+    "bc100": (cifar_bc(100), 64, 32, 10),
+    "densenet121": (
+        dict(block_config=(6, 12, 24, 16), growth_rate=32, num_init_features=64,
+             stem="imagenet"),
+        8, 224, 1000,
+    ),
+}  # fmt: skip
 
 
 def build_jax(arch: dict, classes: int, implementation: str):

@@ -147,7 +147,21 @@ def load(name: str, *, seed: int = 0, new_head: bool = False, **kwargs) -> nnx.M
 
 def config(name: str) -> ml_collections.ConfigDict:
     """The training config recorded for `name` in the manifest."""
-    return ml_collections.ConfigDict(entry(name)["config"])
+    from dnl_zoo.config import base_config
+
+    # Over today's defaults, so that entries written before a key existed load.
+    return _merge(base_config(), entry(name)["config"])
+
+
+def _merge(config: ml_collections.ConfigDict, recorded: dict):
+    for key, value in recorded.items():
+        if isinstance(value, dict) and isinstance(
+            config.get(key), ml_collections.ConfigDict
+        ):
+            _merge(config[key], value)
+        else:
+            config[key] = value
+    return config
 
 
 def evaluate(
@@ -164,21 +178,10 @@ def evaluate(
     if data_dir is not None:
         cfg.dataset.data_dir = data_dir
     cfg.eval_batch_size = batch_size or cfg.eval_batch_size
-    info = train.dataset_info(cfg)
-    model = load(name, **_model_kwargs(name, cfg, info))
+    # The trainer's own model building, starting from the verified weights.
+    cfg.init.update(pretrained=name, new_head=False, freeze_body=False)
+    model = train.create_model(cfg, train.dataset_info(cfg))
     return train.evaluate_model(cfg, model)
-
-
-def _model_kwargs(name: str, cfg, info) -> dict:
-    """The constructor arguments the trainer used for `name` under `cfg`."""
-    return (
-        registry.get_spec(name).kwargs
-        | dict(cfg.model.overrides)
-        | {
-            "num_classes": info.num_classes,
-            "in_channels": info.image_shape[-1],
-        }
-    )
 
 
 def _recipe(cfg) -> str:
@@ -221,9 +224,7 @@ def export(name: str, cfg, workdir: str | os.PathLike, *, config_file: str) -> d
             f"{workdir} holds step {meta['step']} of {total}: finish the run "
             f"(`dnl-zoo train` resumes it) before exporting {name}"
         )
-    model = registry.get_spec(name).builder(
-        **_model_kwargs(name, cfg, info), rngs=nnx.Rngs(0)
-    )
+    model = train.create_model(cfg, info)
     layers.load_weights(model, params)
     directory = checkpoint_dir() / name
     checkpoint.save_model(directory, model)

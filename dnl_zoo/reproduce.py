@@ -206,9 +206,11 @@ def sweep(
             config = sweep_config(name, plan, base)
             if data_dir is not None:
                 config.dataset.data_dir = data_dir
-            train.train_and_evaluate(config, pathlib.Path(workdir) / name)
-            model = train.restore_model(config, pathlib.Path(workdir) / name)
-            test = train.evaluate_model(config, model)
+            run = pathlib.Path(workdir) / name
+            test = train.train_and_evaluate(config, run)
+            model = train.restore_model(config, run)
+            if "eval_top1" not in test:  # a finished run resumed: nothing ran
+                test = train.evaluate_model(config, model)
             config.dataset.eval_split = plan.train_loss_split
             fit = train.evaluate_model(config, model)
             info = registry.model_info(name)

@@ -184,6 +184,11 @@ class DenseBlock(nnx.Module):
                 f"implementation must be one of {IMPLEMENTATIONS}, got "
                 f"{implementation!r}"
             )
+        if implementation == "scan" and layer_kwargs.get("dropout_rate", 0.0) > 0:
+            raise ValueError(
+                "implementation='scan' runs without dropout; use 'shared' or "
+                "'lean' with dropout_rate > 0"
+            )
         self.implementation = implementation
         self.growth_rate = growth_rate
         self.layers = nnx.List(
@@ -238,11 +243,6 @@ class DenseBlock(nnx.Module):
     def _scan(self, x0: Array) -> Array:
         """The block as one scanned layer over a (batch, H, W, c_0 + N k) buffer."""
         first = self.layers[0]
-        if first.dropout.rate > 0:
-            raise ValueError(
-                "implementation='scan' runs without dropout; use 'shared' or "
-                "'lean' with dropout_rate > 0"
-            )
         c0, k, n_layers = x0.shape[-1], self.growth_rate, len(self.layers)
         width = c0 + n_layers * k
         norm1, act = first.norm1, layers.get_activation(first.activation)
