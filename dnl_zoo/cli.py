@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dnl_zoo import hardware
 from dnl_zoo.models import costs, registry
 
 
@@ -376,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
             f"unrecognised arguments: {' '.join(unknown or overrides)}"
         )
     args.overrides = overrides
+    distributed = getattr(args, "distributed", False) or getattr(
+        args, "coordinator", None
+    )
+    if args.command in takes_overrides and not distributed:
+        hardware.use_cpu_cores()  # data parallel over the cores of a CPU
     try:
         return args.run(args)
     except (LookupError, ValueError) as error:

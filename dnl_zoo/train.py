@@ -25,7 +25,9 @@ import json
 import math
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -691,6 +693,37 @@ class _Run:
     seconds_before: float  # wall seconds of the earlier runs this one resumes
 
 
+class RunClock:
+    """Seconds of a run that leave out the time it was paused with SIGTSTP.
+
+    `kill -TSTP PID` (or Ctrl-Z) stops the process after the current step and
+    `kill -CONT PID` resumes it; the pause counts neither in the checkpoints'
+    `wall_seconds` nor in images/s. SIGSTOP cannot be caught: its pauses count.
+    """
+
+    def __init__(self):
+        self.paused = 0.0
+        self._previous = None
+
+    def now(self) -> float:
+        """A monotonic clock in seconds that stands still while paused."""
+        return time.perf_counter() - self.paused
+
+    def _pause(self, signum, frame):
+        start = time.perf_counter()
+        os.kill(os.getpid(), signal.SIGSTOP)  # returns once SIGCONT arrives
+        self.paused += time.perf_counter() - start
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTSTP, self._pause)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTSTP, self._previous)
+
+
 def _loop(run: _Run, state, start: int) -> dict:
     config, trainer, manager, log = run.config, run.trainer, run.manager, run.log
     train_loader, eval_loader = run.train_loader, run.eval_loader
@@ -705,62 +738,64 @@ def _loop(run: _Run, state, start: int) -> dict:
         unit="img",
         unit_scale=True,
     )
-    run_start = time.perf_counter()
-    window_start, window_images, result = run_start, 0, {}
-    for step in range(start, total):
-        batch = trainer.place_batch(train_loader.batch(step))
-        if step == start:
-            log.info(f"compiling the train step (step {step + 1})...")
-            compile_start = time.perf_counter()
-        state, metrics = trainer.train_step(state, batch)
-        loss = float(np.asarray(metrics["loss"]).ravel()[0])
-        if step == start:
-            log.info(f"compiled and ran in {time.perf_counter() - compile_start:.1f} s")
-            window_start = time.perf_counter()
-        else:
-            window_images += config.batch_size
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the training loss became {loss} at step {step + 1}; nothing was "
-                f"saved for it, the last good checkpoint is step "
-                f"{manager.latest_step()}. Lower the learning rate or check the data."
-            )
-        done = step + 1
-        bar.update(config.batch_size)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        row = {}
-        if done % config.log_every_steps == 0 or done == total:
-            seconds = time.perf_counter() - window_start
-            row |= {
-                "train_loss": loss,
-                "train_accuracy": float(np.asarray(metrics["accuracy"]).ravel()[0]),
-                "learning_rate": float(schedule(step)),
-                "images_per_sec": round(window_images / seconds)
-                if window_images
-                else 0,
-            }
-            window_start, window_images = time.perf_counter(), 0
-        eval_metrics = None
-        if done % every_eval == 0 or done == total:
-            eval_metrics = evaluate(trainer, state, eval_loader)
-            row |= eval_metrics
-            result = {"step": done, **eval_metrics}
-        if row:
-            bar.clear()
-            log.row(done, row)
-        if done % config.checkpoint.every_steps == 0 or done == total:
-            metrics_for_best = (
-                {"accuracy": eval_metrics["eval_top1"]} if eval_metrics else None
-            )
-            meta = {
-                "step": done,
-                "epoch": done / train_loader.steps_per_epoch,
-                # Wall time of the whole training so far, over every resume.
-                "wall_seconds": run.seconds_before + time.perf_counter() - run_start,
-            }
-            save(manager, done, trainer.host_state(state), meta, metrics_for_best)
-        if eval_metrics is not None or done % config.checkpoint.every_steps == 0:
-            # Throughput counts training steps only, not evaluation or saving.
-            window_start, window_images = time.perf_counter(), 0
+    with RunClock() as clock:
+        run_start = clock.now()
+        window_start, window_images, result = run_start, 0, {}
+        for step in range(start, total):
+            batch = trainer.place_batch(train_loader.batch(step))
+            if step == start:
+                log.info(f"compiling the train step (step {step + 1})...")
+                compile_start = clock.now()
+            state, metrics = trainer.train_step(state, batch)
+            loss = float(np.asarray(metrics["loss"]).ravel()[0])
+            if step == start:
+                log.info(f"compiled and ran in {clock.now() - compile_start:.1f} s")
+                window_start = clock.now()
+            else:
+                window_images += config.batch_size
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"the training loss became {loss} at step {step + 1}; nothing was "
+                    f"saved for it, the last good checkpoint is step "
+                    f"{manager.latest_step()}. Lower the learning rate or check the "
+                    "data."
+                )
+            done = step + 1
+            bar.update(config.batch_size)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            row = {}
+            if done % config.log_every_steps == 0 or done == total:
+                seconds = clock.now() - window_start
+                row |= {
+                    "train_loss": loss,
+                    "train_accuracy": float(np.asarray(metrics["accuracy"]).ravel()[0]),
+                    "learning_rate": float(schedule(step)),
+                    "images_per_sec": round(window_images / seconds)
+                    if window_images
+                    else 0,
+                }
+                window_start, window_images = clock.now(), 0
+            eval_metrics = None
+            if done % every_eval == 0 or done == total:
+                eval_metrics = evaluate(trainer, state, eval_loader)
+                row |= eval_metrics
+                result = {"step": done, **eval_metrics}
+            if row:
+                bar.clear()
+                log.row(done, row)
+            if done % config.checkpoint.every_steps == 0 or done == total:
+                metrics_for_best = (
+                    {"accuracy": eval_metrics["eval_top1"]} if eval_metrics else None
+                )
+                meta = {
+                    "step": done,
+                    "epoch": done / train_loader.steps_per_epoch,
+                    # Wall time of the whole training so far, over every resume.
+                    "wall_seconds": run.seconds_before + clock.now() - run_start,
+                }
+                save(manager, done, trainer.host_state(state), meta, metrics_for_best)
+            if eval_metrics is not None or done % config.checkpoint.every_steps == 0:
+                # Throughput counts training steps only, not evaluation or saving.
+                window_start, window_images = clock.now(), 0
     bar.close()
     return result
