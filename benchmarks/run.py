@@ -7,8 +7,10 @@ Measures, side by side and in the same run:
 - throughput (images/s, median over --steps timed steps after --warmup) of one
   SGD-with-momentum training step of DenseNet-BC-100 (k=12, 32x32, batch 64)
   and DenseNet-121 (224x224, batch 8): dnl_zoo (jax.jit) with each dense-block
-  implementation, and PyTorch eager in its default layout (NCHW) and
-  channels_last, same architecture, batch and optimiser;
+  implementation, on one device and split over --devices (rows 'xN'; on a CPU,
+  one JAX device per core: XLA runs many operations of one device on a single
+  thread), and PyTorch eager in its default layout (NCHW) and channels_last,
+  same architecture, batch and optimiser;
 - for each CIFAR DenseNet-BC depth in --depths and each implementation: compile
   seconds, XLA's temporary bytes of the compiled training step
   (`memory_analysis().temp_size_in_bytes`), and the peak resident memory of a
@@ -31,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dnl_zoo import hardware
 from dnl_zoo.models.densenet import IMPLEMENTATIONS, DenseNet, cifar_block_config
@@ -135,9 +139,19 @@ def _step_times(run_step, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def time_jax(arch, classes, batch, size, implementation, steps, warmup):
+def _data_parallel(state, images, labels, devices: int):
+    """State replicated and the batch split over the first `devices` devices."""
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    split = NamedSharding(mesh, P("data"))
+    return state, jax.device_put(images, split), jax.device_put(labels, split)
+
+
+def time_jax(arch, classes, batch, size, implementation, steps, warmup, devices=1):
+    """Step seconds of dnl_zoo's training step, data parallel over `devices`."""
     step, state = build_jax(arch, classes, implementation)
     images, labels = _inputs(batch, size, classes)
+    state, images, labels = _data_parallel(state, images, labels, devices)
     carry = [state]
 
     def run_step():
@@ -213,10 +227,13 @@ def _throughput(name: str, args) -> dict:
     if args.depth and name == "bc100":
         arch = cifar_bc(args.depth)
     timing = (args.steps, args.warmup)
-    times = {
-        f"dnl_zoo {impl}": time_jax(arch, classes, batch, size, impl, *timing)
-        for impl in args.implementations
-    }
+    times = {}
+    for devices in args.devices:
+        suffix = f" x{devices}" if devices > 1 else ""
+        for impl in args.implementations:
+            times[f"dnl_zoo {impl}{suffix}"] = time_jax(
+                arch, classes, batch, size, impl, *timing, devices=devices
+            )
     if not args.no_torch:
         for layout, channels_last in (("", False), (" channels_last", True)):
             times[f"torch{layout}"] = time_torch(
@@ -321,6 +338,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--depth", type=int, help="L of bc100's speed test instead")
     parser.add_argument("--batch-size", type=int, help="instead of each model's")
     parser.add_argument("--image-size", type=int, help="instead of each model's")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        nargs="*",
+        help="data-parallel device counts of the speed test (default: 1 and one "
+        "per core on a CPU); a row 'dnl_zoo IMPL xN' is the step split over N",
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--depths", type=int, nargs="*", default=[40, 100, 190, 250])
@@ -333,6 +357,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-rss", action="store_true", help="skip peak RSS")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args(argv)
+    cores = hardware.use_cpu_cores()  # before the first JAX computation
+    if args.devices is None:
+        args.devices = sorted({1, cores or 1})
+    if max(args.devices) > jax.device_count():
+        parser.error(
+            f"--devices {max(args.devices)} but JAX has {jax.device_count()} "
+            "devices; on a CPU set DNL_ZOO_CPU_DEVICES before the run"
+        )
     result = run(args)
     print(table(result))
     if args.json:

@@ -45,6 +45,8 @@ def base_config() -> ConfigDict:
             momentum=0.9,
             nesterov=True,
             weight_decay=1e-4,
+            # DNL models: SGD on the fields (depth.field_metric_scales)
+            field_metric=False,
         )
     )
     c.schedule = ConfigDict(

@@ -315,3 +315,57 @@ def transfer_checkpoint(
     new = transfer(model, block_config)
     checkpoint.save_model(destination, new)
     return new
+
+
+# ---------------------------------------------------------------------------
+# Gradient descent on the fields: learning-rate factors per weight.
+# ---------------------------------------------------------------------------
+
+
+def _source_factors(
+    shape: tuple[int, ...], axis: int, c0: int, first: float, rest: float
+) -> np.ndarray:
+    """Factors broadcastable to `shape`: `first` for the x_0 slice along `axis`,
+    `rest` for the slices of x_1, x_2, ..."""
+    factors = np.full(shape[axis], rest, np.float32)
+    factors[:c0] = first
+    broadcast = [1] * len(shape)
+    broadcast[axis] = shape[axis]
+    return factors.reshape(broadcast)
+
+
+def field_metric_scales(model: DNLNet) -> dict[str, np.ndarray]:
+    """Learning-rate factors that make SGD a gradient descent on the fields.
+
+    The weights sample fields: K(t_n, t_j) with quadrature weight h^2 per
+    sample, G(t_n) (and the weights of layer n that read no history) with
+    weight h, and the readers' slices for x_1..x_N over s with weight h. In
+    that inner product the gradient at a sample is the weight's gradient
+    divided by its quadrature weight, so the factors are 1/h^2, 1/h and 1/h;
+    the stem and the readers' x_0 slices keep 1. With h = 1 every factor is 1.
+    Since every read of x_j carries h, plain SGD moves the function by
+    O(h^2) per step in the h = T/N family: deeper networks learn slower. With
+    these factors each step approximates the same gradient flow at every N.
+
+    Returns:
+      Dotted parameter path -> float32 factors broadcastable to its shape,
+      for the paths that differ from 1.
+    """
+    scales = {}
+    for b, block in enumerate(model.blocks):
+        h, c0 = block.h, block.c0
+        for n, layer in enumerate(block.layers):
+            axes = layer.history_params
+            for path, variable in layers.named_weights(layer).items():
+                shape = np.shape(variable[...])
+                factor = (
+                    _source_factors(shape, axes[path], c0, 1 / h, 1 / h**2)
+                    if path in axes
+                    else np.full((1,) * len(shape), 1 / h, np.float32)
+                )
+                scales[f"blocks.{b}.layers.{n}.{path}"] = factor
+        weights = layers.named_weights(model)
+        for path, axis in _reader_paths(model, b).items():
+            shape = np.shape(weights[path][...])
+            scales[path] = _source_factors(shape, axis, c0, 1.0, 1 / h)
+    return {p: f for p, f in scales.items() if np.any(f != 1.0)}

@@ -14,7 +14,7 @@ import pathlib
 import ml_collections
 
 from dnl_zoo import pretrained
-from dnl_zoo.models import registry
+from dnl_zoo.models import dnl, registry
 
 # What one row of a table holds, and how its column reads in Markdown.
 _COLUMNS = {
@@ -142,7 +142,7 @@ class Budget:
 
 BUDGETS = {
     # Under 15 minutes on a 2-core CPU: the direction of the effect, not its size.
-    "quick": Budget((1, 2, 4, 8), 150, 64, "", "train[:5000]"),
+    "quick": Budget((1, 2, 4, 8), 300, 64, "", "train[:5000]"),
     "full": Budget(registry.SWEEP_DEPTHS, -1, 128, "", "train"),
 }
 SWEEP_FAMILIES = {"dnl_conv_n{n}": "h = T/N", "dnl_conv_n{n}_h1": "h = 1"}
@@ -194,40 +194,57 @@ def sweep(
 ) -> list[dict]:
     """Trains and measures every model of the sweep; resumes what is in `workdir`.
 
-    `budget` is a name in BUDGETS or a Budget of one's own.
+    `budget` is a name in BUDGETS or a Budget of one's own. A model that
+    computes the same network as one already measured (dnl_conv_n1_h1 is
+    dnl_conv_n1 when T = 1) shares its row's numbers instead of training again.
     """
-    from dnl_zoo import train
-
     plan = BUDGETS[budget] if isinstance(budget, str) else budget
-    rows = []
+    rows, measured = [], {}
     for pattern, ladder in SWEEP_FAMILIES.items():
         for n in plan.depths:
             name = pattern.format(n=n)
-            config = sweep_config(name, plan, base)
-            if data_dir is not None:
-                config.dataset.data_dir = data_dir
-            run = pathlib.Path(workdir) / name
-            test = train.train_and_evaluate(config, run)
-            model = train.restore_model(config, run)
-            if "eval_top1" not in test:  # a finished run resumed: nothing ran
-                test = train.evaluate_model(config, model)
-            config.dataset.eval_split = plan.train_loss_split
-            fit = train.evaluate_model(config, model)
+            network = _network(name)
+            if network not in measured:  # N = 1 with T = 1: h = T/N is h = 1
+                measured[network] = _measure(name, plan, base, workdir, data_dir)
             info = registry.model_info(name)
             rows.append(
-                {
-                    "name": name,
-                    "ladder": ladder,
-                    "depth": f"N={n}",
-                    "depth_value": n,
-                    "params": info["params"],
-                    "mflops": info["flops"] / 1e6,
-                    "train_loss": fit["eval_loss"],
-                    "test_top1": test["eval_top1"],
-                    "test_loss": test["eval_loss"],
-                }
+                {"name": name, "ladder": ladder, "depth": f"N={n}", "depth_value": n}
+                | {"params": info["params"], "mflops": info["flops"] / 1e6}
+                | measured[network]
             )
     return rows
+
+
+def _network(name: str) -> str:
+    """What a sweep model computes: its arguments, with depth_scale resolved to h."""
+    kwargs = dict(registry.get_spec(name).kwargs)
+    scale = kwargs.pop("depth_scale", "step")
+    steps = [
+        dnl.step_size(kwargs.get("horizon", 1.0), n, scale)
+        for n in kwargs["block_config"]
+    ]
+    return repr(sorted(kwargs.items()) + [("h", steps)])
+
+
+def _measure(name: str, plan: Budget, base, workdir, data_dir) -> dict:
+    """Trains (or resumes) one sweep model; its final training and test metrics."""
+    from dnl_zoo import train
+
+    config = sweep_config(name, plan, base)
+    if data_dir is not None:
+        config.dataset.data_dir = data_dir
+    run = pathlib.Path(workdir) / name
+    test = train.train_and_evaluate(config, run)
+    model = train.restore_model(config, run)
+    if "eval_top1" not in test:  # a finished run resumed: nothing ran
+        test = train.evaluate_model(config, model)
+    config.dataset.eval_split = plan.train_loss_split
+    fit = train.evaluate_model(config, model)
+    return {
+        "train_loss": fit["eval_loss"],
+        "test_top1": test["eval_top1"],
+        "test_loss": test["eval_loss"],
+    }
 
 
 def falls_with_depth(rows: list[dict], ladder: str, metric: str) -> bool:

@@ -89,8 +89,39 @@ def trainable(config) -> nnx.filterlib.Filter:
     return nnx.Param
 
 
-def create_optimizer(config, total_steps: int, steps_per_epoch: int):
-    """The optax transform and its learning-rate schedule."""
+def scale_by_factors(factors: dict[str, np.ndarray]) -> optax.GradientTransformation:
+    """Multiplies the update of each parameter path in `factors` by its factors."""
+
+    def scale(path, update):
+        key = jax.tree_util.keystr(path, simple=True, separator=".")
+        factor = factors.get(key.removesuffix(".value"))
+        return update if factor is None else update * factor.astype(update.dtype)
+
+    def update_fn(updates, state, params=None):
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _field_metric_factors(config, model) -> dict[str, np.ndarray]:
+    """depth.field_metric_scales of a DNL model where the config asks for them."""
+    if not config.optimizer.field_metric or model is None:
+        return {}
+    if not isinstance(model, DNLNet):
+        raise ValueError(
+            f"optimizer.field_metric=True needs a DNL model (its weights sample "
+            f"fields in depth), got {type(model).__name__} for {config.model.name}; "
+            "set optimizer.field_metric=False"
+        )
+    return depth.field_metric_scales(model)
+
+
+def create_optimizer(config, total_steps: int, steps_per_epoch: int, model=None):
+    """The optax transform and its learning-rate schedule.
+
+    With `optimizer.field_metric`, the gradient of each weight of a DNL `model`
+    is scaled by depth.field_metric_scales (weight decay included) before SGD.
+    """
     opt, sched = config.optimizer, config.schedule
     warmup = int(sched.warmup_epochs * steps_per_epoch)
     lr = opt.learning_rate
@@ -114,9 +145,15 @@ def create_optimizer(config, total_steps: int, steps_per_epoch: int):
     if opt.name == "sgd":
         tx = optax.chain(
             optax.add_decayed_weights(opt.weight_decay),
+            scale_by_factors(_field_metric_factors(config, model)),
             optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov),
         )
     elif opt.name == "adamw":
+        if opt.field_metric:
+            raise ValueError(
+                "optimizer.field_metric=True scales SGD's gradients; Adam's "
+                "updates do not follow a gradient's scale: use optimizer.name='sgd'"
+            )
         tx = optax.adamw(schedule, weight_decay=opt.weight_decay)
     else:
         raise ValueError(f"optimizer.name must be 'sgd' or 'adamw', got {opt.name!r}")
@@ -484,7 +521,7 @@ def build(config, info, total_steps: int, steps_per_epoch: int):
         raise ValueError(
             f"parallelism must be 'jit' or 'pmap', got {config.parallelism!r}"
         )
-    tx, schedule = create_optimizer(config, total_steps, steps_per_epoch)
+    tx, schedule = create_optimizer(config, total_steps, steps_per_epoch, model)
     optimizer = nnx.Optimizer(model, tx, wrt=trainable(config))
     graphdef, state = nnx.split((model, optimizer))
     pmap = config.parallelism == "pmap"

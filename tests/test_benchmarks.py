@@ -15,6 +15,9 @@ def test_harness_smoke(tmp_path, capsys):
             "--image-size=8",
             "--steps=1",
             "--warmup=1",
+            "--devices",
+            "1",
+            "2",
             "--implementations",
             "plain",
             "scan",
@@ -34,6 +37,8 @@ def test_harness_smoke(tmp_path, capsys):
     assert speeds.keys() == {
         "dnl_zoo plain",
         "dnl_zoo scan",
+        "dnl_zoo plain x2",
+        "dnl_zoo scan x2",
         "torch",
         "torch channels_last",
     }

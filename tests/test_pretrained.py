@@ -183,8 +183,10 @@ def test_sweep_trains_both_families_and_plots(fashion_mnist_dir, tmp_path, monke
         ("h = T/N", "N=1"),
         ("h = 1", "N=1"),
     ]
-    # N = 1: h = T/N = 1, the same network and recipe in both families.
-    assert rows[0]["train_loss"] == pytest.approx(rows[1]["train_loss"], rel=1e-5)
+    # N = 1: h = T/N = 1, the same network in both families, trained once.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dnl_conv_n1"]
+    assert rows[0]["train_loss"] == rows[1]["train_loss"]
+    assert reproduce._network("dnl_conv_n2") != reproduce._network("dnl_conv_n2_h1")
     reproduce.plot(rows, tmp_path / "sweep.png", ("train_loss", "test_top1"))
     assert "| train loss |" in reproduce.markdown(rows)
 
