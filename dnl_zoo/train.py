@@ -736,6 +736,8 @@ class RunClock:
     `kill -TSTP PID` (or Ctrl-Z) stops the process after the current step and
     `kill -CONT PID` resumes it; the pause counts neither in the checkpoints'
     `wall_seconds` nor in images/s. SIGSTOP cannot be caught: its pauses count.
+    A step already dispatched to several CPU devices may log that a collective
+    has waited for 20 seconds while the process is stopped; it resumes.
     """
 
     def __init__(self):
