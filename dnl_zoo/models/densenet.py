@@ -17,6 +17,7 @@ or 32x32 input) and 'imagenet' (7x7 stride-2 convolution, BN, ReLU, 3x3 stride-2
 max pooling).
 """
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -40,6 +41,21 @@ def _conv(a: Array, kernel: Array) -> Array:
     )
 
 
+def _after(weights, dy: Array):
+    """`weights` plus a zero that XLA can only know after `dy` exists.
+
+    A recomputation in the backward pass must not be merged with the forward
+    computation it repeats (which would keep the forward's activations alive,
+    the memory it exists to save) nor run before the gradient arrives. XLA's
+    CPU pipeline drops `optimization_barrier` before it schedules, so the
+    recomputation reads weights that depend on one element of `dy` instead:
+    x * 0 is not folded for floats, and the values are unchanged (a non-finite
+    gradient is non-finite either way).
+    """
+    zero = dy.reshape(-1)[0] * 0
+    return jax.tree.map(lambda w: w + zero.astype(w.dtype), weights)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def lean_read(activation: str, sources, gain, shift, kernel) -> Array:
     """conv(act(concat(sources) * gain + shift), kernel), keeping only its inputs.
@@ -60,9 +76,7 @@ def _lean_read_forward(activation, sources, gain, shift, kernel):
 
 
 def _lean_read_backward(activation, saved, dy):
-    # The barrier ties the recomputation to the incoming gradient, so that XLA
-    # cannot schedule it in the forward pass (which would keep it alive).
-    (sources, gain, shift, kernel), dy = jax.lax.optimization_barrier((saved, dy))
+    sources, (gain, shift, kernel) = saved[0], _after(saved[1:], dy)
     x = jnp.concatenate(sources, axis=-1)
     a, activation_vjp = jax.vjp(layers.get_activation(activation), x * gain + shift)
     (da,) = jax.linear_transpose(lambda a: _conv(a, kernel), a)(dy)
@@ -75,6 +89,92 @@ def _lean_read_backward(activation, saved, dy):
 
 
 lean_read.defvjp(_lean_read_forward, _lean_read_backward)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerSpec:
+    """What a dense layer computes besides its weights (hashable, for jit)."""
+
+    activation: str
+    bottleneck: bool
+    epsilon: float
+    growth_rate: int
+    dtype: str
+    axis_name: str | None
+
+
+def _normalise(x, w, prefix, epsilon, moments, dtype):
+    mean, var = moments
+    gain = w[f"{prefix}.scale"] * jax.lax.rsqrt(var + epsilon)
+    shift = w[f"{prefix}.bias"] - mean * gain
+    return x * gain.astype(dtype) + shift.astype(dtype)
+
+
+def _layer(spec: _LayerSpec, w: dict, x: Array, moments=None):
+    """A dense layer in train mode as a function of its weights and input.
+
+    Maps w (norm1/norm2 scale and bias, conv1/conv2 kernels) and x (batch, H,
+    W, C) to (y (batch, H, W, k), the batch statistics it normalised with).
+    `moments` are x's, when known; otherwise they are taken here.
+    """
+    act, dtype = layers.get_activation(spec.activation), jnp.dtype(spec.dtype)
+    first = moments or layers.batch_moments(x, spec.axis_name)
+    a = act(_normalise(x.astype(dtype), w, "norm1", spec.epsilon, first, dtype))
+    y = _conv(a, w["conv1.kernel"].astype(dtype))
+    if not spec.bottleneck:
+        return y, (first,)
+    second = layers.batch_moments(y, spec.axis_name)
+    a = act(_normalise(y, w, "norm2", spec.epsilon, second, dtype))
+    return _conv(a, w["conv2.kernel"].astype(dtype)), (first, second)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def lean_block(spec: _LayerSpec, x0: Array, weights: tuple[dict, ...]):
+    """A dense block in train mode whose backward pass keeps only its history.
+
+    Maps x0 (batch, H, W, c_0) and each layer's weights to the history (batch,
+    H, W, c_0 + N k) and the batch statistics every layer used (for the
+    running averages). The backward pass walks the layers in reverse,
+    recomputes each layer from its slice of the history, and adds the
+    gradient it sends to its sources into one gradient buffer of the
+    history's width: memory linear in depth, one extra forward in compute.
+    """
+    return _lean_block_forward(spec, x0, weights)[0]
+
+
+def _lean_block_forward(spec, x0, weights):
+    sources, moments, used = [x0], [layers.batch_moments(x0, spec.axis_name)], []
+    for w in weights:
+        shared = tuple(jnp.concatenate(m) for m in zip(*moments, strict=True))
+        y, stats = _layer(spec, w, jnp.concatenate(sources, axis=-1), shared)
+        used.append(stats)
+        sources.append(y)
+        moments.append(layers.batch_moments(y, spec.axis_name))
+    history = jnp.concatenate(sources, axis=-1)
+    return (history, tuple(used)), (history, weights)
+
+
+def _lean_block_backward(spec, saved, cotangents):
+    history, weights = saved
+    grad = cotangents[0]  # the statistics only feed running averages
+    c0 = history.shape[-1] - len(weights) * spec.growth_rate
+    dweights = [None] * len(weights)
+    for n in reversed(range(len(weights))):
+        width = c0 + n * spec.growth_rate
+        dy = grad[..., width : width + spec.growth_rate]
+        # A slice at a start XLA cannot see (zero, from dy): a static slice of
+        # the history would be folded into the forward's own concatenation of
+        # x_0..x_{n-1}, keeping that alive instead.
+        start = _after(jnp.zeros((), jnp.int32), dy)
+        x = jax.lax.dynamic_slice_in_dim(history, start, width, axis=3)
+        w = _after(weights[n], dy)
+        _, layer_vjp = jax.vjp(lambda x, w: _layer(spec, w, x)[0], x, w)
+        dx, dweights[n] = layer_vjp(dy)
+        grad = grad.at[..., :width].add(dx.astype(grad.dtype))
+    return grad[..., :c0], tuple(dweights)
+
+
+lean_block.defvjp(_lean_block_forward, _lean_block_backward)
 
 
 class DenseLayer(nnx.Module):
@@ -214,6 +314,8 @@ class DenseBlock(nnx.Module):
             return self._scan(x0)
         norm = self.layers[0].norm1  # any norm: each reduces over the same axes
         train = not norm.use_running_average
+        if self.implementation == "lean" and train and self._no_dropout():
+            return self._lean(x0)
         sources, moments = [x0], [norm.moments(x0)] if train else None
         lean = self.implementation == "lean"
         for layer in self.layers:
@@ -222,6 +324,35 @@ class DenseBlock(nnx.Module):
             if train:
                 moments.append(norm.moments(y))
         return jnp.concatenate(sources, axis=-1)
+
+    def _no_dropout(self) -> bool:
+        return all(layer.dropout.rate == 0 for layer in self.layers)
+
+    def _lean(self, x0: Array) -> Array:
+        """Train mode through `lean_block`; updates the running statistics."""
+        first = self.layers[0]
+        spec = _LayerSpec(
+            activation=first.activation,
+            bottleneck=first.bottleneck,
+            epsilon=first.norm1.epsilon,
+            growth_rate=self.growth_rate,
+            dtype=jnp.dtype(first.conv1.dtype or x0.dtype).name,
+            axis_name=first.norm1.axis_name,
+        )
+        weights = tuple(
+            {
+                name: variable[...]
+                for name, variable in layers.named_weights(layer).items()
+                if not name.endswith((".mean", ".var"))
+            }
+            for layer in self.layers
+        )
+        history, used = lean_block(spec, x0, weights)
+        for layer, stats in zip(self.layers, used, strict=True):
+            norms = (layer.norm1, layer.norm2) if layer.bottleneck else (layer.norm1,)
+            for norm, moments in zip(norms, stats, strict=True):
+                norm.statistics(None, moments)
+        return history
 
     def _padded(self, width: int) -> dict[str, Array]:
         """Every layer's weights stacked on a new axis 0, inputs padded to `width`.

@@ -134,16 +134,7 @@ class BatchNorm(nnx.Module):
 
     def moments(self, x: Array) -> tuple[Array, Array]:
         """Mean and biased variance per channel of x: (..., C) -> (C,), (C,)."""
-        axes = tuple(range(x.ndim - 1))
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axes)
-        if self.axis_name is None:
-            return mean, jnp.mean(jnp.square(x - mean), axes)
-        # Across replicas the two moments travel in one collective.
-        mean, mean_sq = jax.lax.pmean(
-            (mean, jnp.mean(jnp.square(x), axes)), self.axis_name
-        )
-        return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+        return batch_moments(x, self.axis_name)
 
     def statistics(self, x: Array, moments: tuple[Array, Array] | None = None):
         """(mean, var) to normalise x with; in train mode updates the running ones.
@@ -174,6 +165,21 @@ class BatchNorm(nnx.Module):
         """Maps (..., C) to (..., C), normalised per channel."""
         gain, shift = self.affine(*self.statistics(x), x.dtype)
         return x * gain + shift
+
+
+def batch_moments(x: Array, axis_name: str | None = None) -> tuple[Array, Array]:
+    """Mean and biased variance per channel of x: (..., C) -> (C,), (C,), float32.
+
+    With `axis_name` (a pmap axis) they are averaged over the replicas.
+    """
+    axes = tuple(range(x.ndim - 1))
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axes)
+    if axis_name is None:
+        return mean, jnp.mean(jnp.square(x - mean), axes)
+    # Across replicas the two moments travel in one collective.
+    mean, mean_sq = jax.lax.pmean((mean, jnp.mean(jnp.square(x), axes)), axis_name)
+    return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
 
 def batch_norm(
