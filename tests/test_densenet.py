@@ -15,7 +15,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import dnl_zoo
 from dnl_zoo.models import costs
-from dnl_zoo.models.densenet import DenseNet, cifar_densenet
+from dnl_zoo.models.densenet import DenseBlock, DenseNet, cifar_densenet
 
 # Trainable parameters of the reference implementations at 1000 classes:
 # Keras applications' DenseNet121/169/201 ("Trainable params") and torchvision's
@@ -355,3 +355,29 @@ def _residual_elements(implementation: str) -> int:
 
 def test_lean_blocks_save_far_fewer_residuals_than_plain():
     assert _residual_elements("lean") < 0.7 * _residual_elements("plain")
+
+
+def _block_temp_bytes(implementation: str, num_layers: int) -> int:
+    """XLA's temporary bytes of one dense block's training gradient."""
+    block = DenseBlock(
+        24, num_layers, 12, bottleneck=True, implementation=implementation,
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    graphdef, state = nnx.split(block)
+
+    def step(state, x):
+        model = nnx.merge(graphdef, state)
+        model.train()
+        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+        return grads, nnx.state(model)
+
+    x = jax.ShapeDtypeStruct((16, 16, 16, 24), jnp.float32)
+    compiled = jax.jit(step).lower(state, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_lean_blocks_keep_xla_memory_linear_in_depth():
+    # What XLA allocates, not what JAX saves: the recomputation must not be
+    # folded back into the forward pass (see densenet._after).
+    plain, lean = _block_temp_bytes("plain", 16), _block_temp_bytes("lean", 16)
+    assert lean < 0.4 * plain, (lean, plain)

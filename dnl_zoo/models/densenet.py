@@ -257,9 +257,13 @@ class DenseBlock(nnx.Module):
       'shared'  statistics once per source x_j, shared by every later layer
                 (linear instead of quadratic in depth), and no concatenated
                 history between layers;
-      'lean'    'shared', and each layer's concatenate-norm-activation-conv
-                read is recomputed in the backward pass (memory-efficient
-                DenseNet): activation memory linear in depth;
+      'lean'    in training, the whole block is one custom VJP (`lean_block`)
+                that keeps only the history x_0..x_N and recomputes each layer
+                in the backward pass, adding its sources' gradients into one
+                buffer (memory-efficient DenseNet): activation memory linear in
+                depth for one extra forward pass. With dropout, each layer's
+                concatenate-norm-activation-conv read is recomputed instead
+                (`lean_read`);
       'scan'    one compiled layer for the whole block (`jax.lax.scan`), so
                 compile time does not grow with depth: the history lives in a
                 preallocated buffer of the block's final width, and each
