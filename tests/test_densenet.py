@@ -276,7 +276,7 @@ def test_checkpoint_paths_are_readable():
 # Block implementations: the same network, computed four ways.
 
 
-def _step(implementation: str, bottleneck: bool, x, y):
+def _step(implementation: str, bottleneck: bool, x, y, dropout_rate: float = 0.0):
     """Loss, gradients and updated statistics of one train step, plus eval logits."""
     model = cifar_densenet(
         16 if bottleneck else 10,
@@ -284,6 +284,7 @@ def _step(implementation: str, bottleneck: bool, x, y):
         bottleneck=bottleneck,
         compression=0.5 if bottleneck else 1.0,
         implementation=implementation,
+        dropout_rate=dropout_rate,
         rngs=nnx.Rngs(0),
     )
 
@@ -300,14 +301,23 @@ def _step(implementation: str, bottleneck: bool, x, y):
     return float(loss), flat, stats, np.asarray(logits)
 
 
-@pytest.mark.parametrize("bottleneck", [True, False])
-@pytest.mark.parametrize("implementation", ["shared", "lean", "scan"])
-def test_every_block_implementation_has_the_plain_gradients(implementation, bottleneck):
+@pytest.mark.parametrize(
+    "implementation, bottleneck, dropout_rate",
+    [
+        (implementation, bottleneck, 0.0)
+        for implementation in ("shared", "lean", "scan")
+        for bottleneck in (True, False)
+    ]
+    + [("lean", True, 0.2)],  # lean with dropout: the per-read recomputation
+)
+def test_every_block_implementation_has_the_plain_gradients(
+    implementation, bottleneck, dropout_rate
+):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 8))
-    loss0, grads0, stats0, logits0 = _step("plain", bottleneck, x, y)
-    loss, grads, stats, logits = _step(implementation, bottleneck, x, y)
+    loss0, grads0, stats0, logits0 = _step("plain", bottleneck, x, y, dropout_rate)
+    loss, grads, stats, logits = _step(implementation, bottleneck, x, y, dropout_rate)
     assert loss == pytest.approx(loss0, rel=1e-6)
     assert grads.keys() == grads0.keys() and stats.keys() == stats0.keys()
     for key, expected in grads0.items():
