@@ -57,10 +57,11 @@ def _block_rates(n: int, images, labels) -> tuple[float, float]:
 
 def test_every_depth_learns_at_the_same_rate_on_the_fields():
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(16, 16, 16, 1)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
+    images = jnp.asarray(rng.normal(size=(8, 8, 8, 1)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
     rates = [_block_rates(n, images, labels) for n in (2, 4, 8)]
     plain, field = [r[0] for r in rates], [r[1] for r in rates]
+    print(f"first-order decrease, N = 2, 4, 8: plain {plain}, fields {field}")
     # Plain SGD: every read of x_j carries h, so the rate falls like 1/N.
     assert plain[1] < 0.7 * plain[0] and plain[2] < 0.7 * plain[1], plain
     # On the fields it settles: each doubling changes it by less than 30%.
