@@ -143,9 +143,16 @@ def create_optimizer(config, total_steps: int, steps_per_epoch: int, model=None)
             f"schedule.name must be 'cosine', 'step' or 'constant', got {sched.name!r}"
         )
     if opt.name == "sgd":
+        # Only with the field metric: the optimiser state keeps the layout of
+        # the training checkpoints written without it.
+        field = (
+            [scale_by_factors(_field_metric_factors(config, model))]
+            if opt.field_metric
+            else []
+        )
         tx = optax.chain(
             optax.add_decayed_weights(opt.weight_decay),
-            scale_by_factors(_field_metric_factors(config, model)),
+            *field,
             optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov),
         )
     elif opt.name == "adamw":
