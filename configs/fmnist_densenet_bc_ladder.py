@@ -7,8 +7,9 @@
 densenet_bc{16,22,28,40}_k12_fmnist: DenseNet-BC, k = 12, CIFAR stem, 28x28
 greyscale. The DNL ladder's recipe (configs/fmnist_dnl_ladder.py: batch 128,
 SGD with Nesterov momentum 0.9, weight decay 1e-4, learning rate 0.1 with a
-0.3-epoch warm-up and cosine decay, crop and flip) over 12 epochs instead of 6. The dense blocks run the `shared` implementation
-(BatchNorm statistics once per source: the same gradients as `plain`, faster).
+0.3-epoch warm-up and cosine decay, crop and flip) over 12 epochs instead of
+6. The dense blocks run the `shared` implementation (BatchNorm statistics once
+per source: the same gradients as `plain`, faster).
 scripts/train_ladder.sh trains and exports every rung; checkpoints/manifest.json
 records what each took.
 """
