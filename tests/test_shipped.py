@@ -74,3 +74,29 @@ def test_the_smallest_row_recomputed_from_its_weights(entries, fashion_mnist_dir
     smallest = min(entries, key=lambda name: entries[name]["flops"])
     (row,) = reproduce.shipped_table([smallest], data_dir=fashion_mnist_dir)
     assert reproduce.agrees(row), row
+
+
+PARKED = sorted((ROOT / "checkpoints" / "training").glob("*/checkpoints"))
+
+
+@pytest.mark.parametrize("parked", PARKED, ids=[p.parent.name for p in PARKED])
+def test_parked_training_runs_restore_with_their_optimiser_state(
+    parked, fashion_mnist_dir, tmp_path
+):
+    # scripts/train_ladder.sh resumes these on a fresh clone: the trainer of
+    # today must read what an earlier version wrote (state layout included).
+    import shutil
+
+    from dnl_zoo import config as config_lib
+    from dnl_zoo import train
+
+    name = parked.parent.name
+    family = "densenet_bc" if name.startswith("densenet") else "dnl"
+    config = config_lib.load(ROOT / f"configs/fmnist_{family}_ladder.py")
+    config.model.name = name
+    config.dataset.data_dir = fashion_mnist_dir
+    workdir = tmp_path / name
+    shutil.copytree(parked.parent, workdir)
+    params, meta = train.restore_params(config, workdir, with_meta=True)
+    assert 0 < meta["step"] < train.total_steps(config)
+    assert params and all(v.size for v in params.values())
