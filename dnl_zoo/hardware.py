@@ -34,7 +34,7 @@ def use_cpu_cores() -> int | None:
 
     XLA's CPU client runs many operations of one device on a single thread; a
     data-parallel step over one device per core keeps every core busy (BC-40 on
-    Fashion-MNIST trains about 1.4x faster on 2 cores). The count is the largest
+    Fashion-MNIST trains about 1.2x faster on 2 cores). The count is the largest
     power of two <= the usable cores, so that batch sizes divide it; set
     DNL_ZOO_CPU_DEVICES=N to choose N (1 turns this off). Leaves the count alone
     where XLA_FLAGS already sets it. Only the CPU client is affected: on GPU and
