@@ -363,6 +363,15 @@ def restore(manager, step: int, like) -> tuple[object, dict]:
     except Exception as error:
         directory = manager.directory / str(step)
         first_line = str(error).splitlines()[0][:300]
+        if "tree structures do not match" in first_line:
+            # Not damage: every step of this run has that layout; keep them all.
+            raise CheckpointLayoutError(
+                f"the checkpoint of step {step} in {directory} holds a model or "
+                "optimiser state of another layout than this config builds "
+                f"({first_line}). Resume with the config the run was written with "
+                "(optimizer.name, optimizer.field_metric and model.name shape it), "
+                "or train into a new workdir."
+            ) from error
         raise CheckpointDamagedError(
             f"the checkpoint of step {step} in {directory} cannot be read "
             f"({type(error).__name__}: {first_line}). Delete that step's directory "
@@ -373,6 +382,10 @@ def restore(manager, step: int, like) -> tuple[object, dict]:
 
 class CheckpointDamagedError(RuntimeError):
     """Raised when a training checkpoint is truncated or altered."""
+
+
+class CheckpointLayoutError(RuntimeError):
+    """Raised when a checkpoint was written by a config of another state layout."""
 
 
 # ---------------------------------------------------------------------------

@@ -100,3 +100,8 @@ def test_parked_training_runs_restore_with_their_optimiser_state(
     params, meta = train.restore_params(config, workdir, with_meta=True)
     assert 0 < meta["step"] < train.total_steps(config)
     assert params and all(v.size for v in params.values())
+    # A config of another state layout is told so, and no step is called damaged.
+    config.optimizer.field_metric = not config.optimizer.field_metric
+    if name.startswith("dnl"):
+        with pytest.raises(train.CheckpointLayoutError, match="Resume with the config"):
+            train.restore_params(config, workdir)
