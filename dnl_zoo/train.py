@@ -105,7 +105,7 @@ def scale_by_factors(factors: dict[str, np.ndarray]) -> optax.GradientTransforma
 
 def _field_metric_factors(config, model) -> dict[str, np.ndarray]:
     """depth.field_metric_scales of a DNL model where the config asks for them."""
-    if not config.optimizer.field_metric or model is None:
+    if model is None:  # only the state's layout is asked for
         return {}
     if not isinstance(model, DNLNet):
         raise ValueError(

@@ -396,20 +396,10 @@ class DenseBlock(nnx.Module):
         )
 
         def conv(x, kernel):
-            if kernel.ndim == 2:  # a 1x1 convolution as a matrix product
-                return jnp.dot(x, kernel.astype(dtype))
-            return jax.lax.conv_general_dilated(
-                x,
-                kernel.astype(dtype),
-                (1, 1),
-                ((1, 1), (1, 1)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
+            return _conv(x, kernel.astype(dtype))
 
         def normalise(norm, x, w, prefix, mean, var):
-            gain = w[f"{prefix}.scale"] * jax.lax.rsqrt(var + norm.epsilon)
-            shift = w[f"{prefix}.bias"] - mean * gain
-            return x * gain.astype(dtype) + shift.astype(dtype)
+            return _normalise(x, w, prefix, norm.epsilon, (mean, var), dtype)
 
         def layer(carry, inputs):
             buffer, moments = carry
