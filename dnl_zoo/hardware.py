@@ -7,7 +7,7 @@ import jax
 
 
 def describe() -> str:
-    """Processor, core count and JAX device kind, e.g. 'AMD EPYC ..., 2 cores, ...'."""
+    """Processor, cores and JAX devices: 'AMD EPYC, 2 cores, JAX on 2 cpu devices'."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -17,8 +17,9 @@ def describe() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    device = jax.devices()[0]
-    return f"{cpu}, {os.cpu_count()} cores, JAX on {device.device_kind}"
+    count, kind = jax.device_count(), jax.devices()[0].device_kind
+    devices = f"{count} {kind} device" + ("s" if count > 1 else "")
+    return f"{cpu}, {os.cpu_count()} cores, JAX on {devices}"
 
 
 def usable_cores() -> int:

@@ -250,7 +250,8 @@ def export(name: str, cfg, workdir: str | os.PathLike, *, config_file: str) -> d
         "wall_seconds": round(meta["wall_seconds"], 1)
         if "wall_seconds" in meta
         else None,
-        "hardware": hardware.describe(),
+        # Runs saved before the trainer recorded it: the exporting machine's.
+        "hardware": meta.get("hardware") or hardware.describe(),
         "exported": datetime.date.today().isoformat(),
         "files": file_hashes(directory),
     }

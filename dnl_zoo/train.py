@@ -43,7 +43,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from tqdm import tqdm
 
 from dnl_zoo import data as data_lib
-from dnl_zoo import depth, pretrained
+from dnl_zoo import depth, hardware, pretrained
 from dnl_zoo.models import layers, registry
 from dnl_zoo.models.dnl import DNLNet
 
@@ -93,8 +93,7 @@ def scale_by_factors(factors: dict[str, np.ndarray]) -> optax.GradientTransforma
     """Multiplies the update of each parameter path in `factors` by its factors."""
 
     def scale(path, update):
-        key = jax.tree_util.keystr(path, simple=True, separator=".")
-        factor = factors.get(key.removesuffix(".value"))
+        factor = factors.get(layers.dotted_path(path))
         return update if factor is None else update * factor.astype(update.dtype)
 
     def update_fn(updates, state, params=None):
@@ -590,7 +589,8 @@ def restore_params(config, workdir, step: int | None = None, *, with_meta=False)
     """{path: numpy array} of the parameters and statistics in a checkpoint.
 
     Restores onto this process's devices, whatever device count wrote it. With
-    `with_meta`, returns (params, the checkpoint's meta: step, epoch, wall_seconds).
+    `with_meta`, returns (params, the checkpoint's meta: step, epoch, wall_seconds,
+    hardware).
     """
     trainer, state, meta = _restore_latest(config, workdir, step)
     model, _ = nnx.merge(trainer.graphdef, state)
@@ -851,6 +851,8 @@ def _loop(run: _Run, state, start: int) -> dict:
                     "epoch": done / train_loader.steps_per_epoch,
                     # Wall time of the whole training so far, over every resume.
                     "wall_seconds": run.seconds_before + clock.now() - run_start,
+                    # Where the latest stretch of the run trained.
+                    "hardware": hardware.describe(),
                 }
                 save(manager, done, trainer.host_state(state), meta, metrics_for_best)
             if eval_metrics is not None or done % config.checkpoint.every_steps == 0:

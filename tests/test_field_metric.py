@@ -9,7 +9,7 @@ from flax import nnx
 
 from dnl_zoo import config as config_lib
 from dnl_zoo import depth, train
-from dnl_zoo.models import registry
+from dnl_zoo.models import layers, registry
 
 
 def _model(n: int, depth_scale: str = "step"):
@@ -47,8 +47,7 @@ def _block_rates(n: int, images, labels) -> tuple[float, float]:
     grads = nnx.state(nnx.jit(nnx.grad(loss_fn))(model), nnx.Param)
     plain = field = 0.0
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        key = jax.tree_util.keystr(path, simple=True, separator=".")
-        key = key.removesuffix(".value")
+        key = layers.dotted_path(path)
         if key.startswith("blocks."):
             plain += float(jnp.sum(g**2))
             field += float(jnp.sum(factors.get(key, 1.0) * g**2))
@@ -71,9 +70,7 @@ def test_every_depth_learns_at_the_same_rate_on_the_fields():
 def _flat_params(model) -> dict[str, np.ndarray]:
     state = nnx.state(model, nnx.Param)
     return {
-        jax.tree_util.keystr(p, simple=True, separator=".").removesuffix(
-            ".value"
-        ): np.asarray(v)
+        layers.dotted_path(p): np.asarray(v)
         for p, v in jax.tree_util.tree_flatten_with_path(state)[0]
     }
 

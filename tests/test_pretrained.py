@@ -26,9 +26,13 @@ from dnl_zoo.models import layers
 def test_export_records_what_eval_measures_and_every_files_hash(
     shipped, checkpoints, fashion_mnist_dir, capsys
 ):
-    _, entry, _, _ = shipped
+    _, entry, config, workdir = shipped
     for key in ("params", "flops", "recipe", "hardware", "wall_seconds", "dataset"):
         assert entry[key], key
+    # The hardware is what the trainer recorded, device count included.
+    _, meta = train.restore_params(config, workdir, with_meta=True)
+    assert entry["hardware"] == meta["hardware"]
+    assert f"JAX on {jax.device_count()} cpu device" in entry["hardware"]
     assert entry["dataset"] == {
         "name": "fashion_mnist",
         "version": "3.0.1",

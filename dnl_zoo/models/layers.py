@@ -261,6 +261,16 @@ def conv3x3(
 WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
+def dotted_path(path: tuple) -> str:
+    """A JAX key path as the dotted name named_weights uses, e.g. 'head.kernel'.
+
+    The key paths of an nnx.State (or an optax update tree over one) end in the
+    Variable's '.value'; that suffix is dropped.
+    """
+    name = jax.tree_util.keystr(path, simple=True, separator=".")
+    return name.removesuffix(".value")
+
+
 def named_weights(module: nnx.Module) -> dict[str, nnx.Variable]:
     """The module's weights by dotted path, e.g. 'blocks.0.layers.1.conv1.kernel'."""
     return {
