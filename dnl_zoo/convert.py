@@ -44,6 +44,12 @@ def _slots(model: DenseNet) -> Iterator[Slot]:
             f"convolution, BN, max pool); this model has the {model.stem.kind!r} "
             "stem. Build it with stem='imagenet'."
         )
+    if any(block.implementation == "scan" for block in model.blocks):
+        raise ConversionError(
+            "this model's blocks store stacked weights (implementation='scan'); "
+            "convert into a model of another implementation, then copy with "
+            "layers.load_weights(scanned, layers.weight_values(converted))"
+        )
     yield model.stem.conv, "features.conv0", "conv1_conv"
     yield model.stem.norm, "features.norm0", "conv1_bn"
     for b, block in enumerate(model.blocks):

@@ -127,9 +127,9 @@ def load(name: str, *, seed: int = 0, new_head: bool = False, **kwargs) -> nnx.M
       The model in train mode, like an untrained `create_model`.
     """
     shipped = checkpoint.load_model(verify(name))
-    values = {k: v[...] for k, v in layers.named_weights(shipped).items()}
+    values = layers.weight_values(shipped)
     model = registry.get_spec(name).builder(**kwargs, rngs=nnx.Rngs(seed))
-    head = {k: v[...].shape for k, v in layers.named_weights(model).items()}
+    head = {k: v.shape for k, v in layers.weight_values(model).items()}
     resized = any(head[k] != values[k].shape for k in head if k.startswith(CLASSIFIER))
     if new_head or resized:
         values = {k: v for k, v in values.items() if not k.startswith(CLASSIFIER)}

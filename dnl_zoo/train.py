@@ -188,7 +188,8 @@ def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
 
 def _set_batch_norm_axis(model: nnx.Module, axis_name: str | None) -> None:
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, layers.BatchNorm):
+        # BatchNorm, and a scanned block's stacked norms (densenet.StackedLayers)
+        if isinstance(module, layers.BatchNorm) or hasattr(module, "axis_name"):
             module.axis_name = axis_name
 
 
@@ -594,7 +595,7 @@ def restore_params(config, workdir, step: int | None = None, *, with_meta=False)
     """
     trainer, state, meta = _restore_latest(config, workdir, step)
     model, _ = nnx.merge(trainer.graphdef, state)
-    params = {k: np.asarray(v[...]) for k, v in layers.named_weights(model).items()}
+    params = layers.weight_values(model)
     return (params, meta) if with_meta else params
 
 

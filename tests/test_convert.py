@@ -10,6 +10,7 @@ from flax import nnx
 
 import dnl_zoo
 from dnl_zoo import convert
+from dnl_zoo.models import layers
 
 # Kept small: a full 224x224 forward pass costs seconds per model on 2 cores and
 # proves no more about the mapping (every DenseNet-121 stage runs at 64x64).
@@ -144,6 +145,21 @@ def test_conversion_errors_name_the_tensor():
         convert.from_torch(state, cifar)
     with pytest.raises(convert.ConversionError, match="torchvision DenseNet"):
         convert.from_torch({"fc.weight": np.zeros((2, 2))})
+
+
+def test_a_scanned_model_takes_converted_weights_through_load_weights():
+    state = torch_reference((2, 3), 8, 16).state_dict()
+    arch = convert.torch_architecture(state)
+    scanned = dnl_zoo.models.DenseNet(**arch, implementation="scan", rngs=nnx.Rngs(1))
+    with pytest.raises(convert.ConversionError, match="layers.load_weights"):
+        convert.from_torch(state, scanned)
+    converted = convert.from_torch(state)
+    layers.load_weights(scanned, layers.weight_values(converted))
+    scanned.eval()
+    x = random_images(2)
+    np.testing.assert_allclose(
+        logits(scanned, x), logits(converted, x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_keras_without_top_keeps_a_fresh_classifier():

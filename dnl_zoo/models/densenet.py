@@ -41,6 +41,47 @@ def _conv(a: Array, kernel: Array) -> Array:
     )
 
 
+def _conv_in_loop(a: Array, kernel: Array) -> Array:
+    """`_conv` for the body of a scan: a 3x3 kernel goes through `_conv3x3_in_loop`."""
+    return _conv(a, kernel) if kernel.ndim == 2 else _conv3x3_in_loop(a, kernel)
+
+
+@jax.custom_vjp
+def _conv3x3_in_loop(a: Array, kernel: Array) -> Array:
+    """A 3x3 convolution (batch, H, W, C) -> (batch, H, W, k) whose backward pass
+    is a forward convolution (input gradient) and nine matrix products (kernel).
+
+    Inside a loop body XLA's CPU backend runs the transposed convolutions of the
+    usual gradient about 20x slower than outside one; these run at full speed
+    there (a scanned block's backward pass, `scanned_block`).
+    """
+    return _conv(a, kernel)
+
+
+def _conv3x3_forward(a, kernel):
+    return _conv(a, kernel), (a, kernel)
+
+
+def _conv3x3_backward(saved, dy):
+    a, kernel = saved
+    # The input gradient: the same convolution with the kernel turned by 180
+    # degrees and its channel axes swapped.
+    da = _conv(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+    padded = jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    height, width = a.shape[1], a.shape[2]
+    dkernel = jnp.stack(
+        [
+            jnp.einsum("bhwc,bhwo->co", padded[:, i : i + height, j : j + width], dy)
+            for i in range(3)
+            for j in range(3)
+        ]
+    )
+    return da, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv3x3_in_loop.defvjp(_conv3x3_forward, _conv3x3_backward)
+
+
 def _after(weights, dy: Array):
     """`weights` plus a zero that XLA can only know after `dy` exists.
 
@@ -110,22 +151,23 @@ def _normalise(x, w, prefix, epsilon, moments, dtype):
     return x * gain.astype(dtype) + shift.astype(dtype)
 
 
-def _layer(spec: _LayerSpec, w: dict, x: Array, moments=None):
+def _layer(spec: _LayerSpec, w: dict, x: Array, moments=None, conv=_conv):
     """A dense layer in train mode as a function of its weights and input.
 
     Maps w (norm1/norm2 scale and bias, conv1/conv2 kernels) and x (batch, H,
     W, C) to (y (batch, H, W, k), the batch statistics it normalised with).
-    `moments` are x's, when known; otherwise they are taken here.
+    `moments` are x's, when known; otherwise they are taken here. `conv` is
+    `_conv`, or `_conv_in_loop` inside a scan that differentiates the layer.
     """
     act, dtype = layers.get_activation(spec.activation), jnp.dtype(spec.dtype)
     first = moments or layers.batch_moments(x, spec.axis_name)
     a = act(_normalise(x.astype(dtype), w, "norm1", spec.epsilon, first, dtype))
-    y = _conv(a, w["conv1.kernel"].astype(dtype))
+    y = conv(a, w["conv1.kernel"].astype(dtype))
     if not spec.bottleneck:
         return y, (first,)
     second = layers.batch_moments(y, spec.axis_name)
     a = act(_normalise(y, w, "norm2", spec.epsilon, second, dtype))
-    return _conv(a, w["conv2.kernel"].astype(dtype)), (first, second)
+    return conv(a, w["conv2.kernel"].astype(dtype)), (first, second)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -264,13 +306,16 @@ class DenseBlock(nnx.Module):
                 depth for one extra forward pass. With dropout, each layer's
                 concatenate-norm-activation-conv read is recomputed instead
                 (`lean_read`);
-      'scan'    one compiled layer for the whole block (`jax.lax.scan`), so
-                compile time does not grow with depth: the history lives in a
-                preallocated buffer of the block's final width, and each
-                layer's weights are zero-padded to that width when called (the
-                stored weights keep their own shapes). The price: every layer
-                reads the full buffer (about twice the first read's FLOPs) and
-                the backward pass keeps one buffer per layer. No dropout.
+      'scan'    one compiled layer for the whole block (`jax.lax.scan`) over
+                weights stored stacked on a layer axis (`StackedLayers`), so
+                compile time does not grow with depth, and in training one
+                custom VJP (`scanned_block`) that, like 'lean', keeps only the
+                history and recomputes each layer backwards: memory linear in
+                depth. Checkpoints and `layers.load_weights` still name every
+                weight per layer. The price: the history lives in a buffer of
+                the block's final width that every layer reads whole (about
+                twice the first read's FLOPs), plus lean's extra forward pass.
+                No dropout.
     """
 
     def __init__(
@@ -295,17 +340,16 @@ class DenseBlock(nnx.Module):
             )
         self.implementation = implementation
         self.growth_rate = growth_rate
-        self.layers = nnx.List(
-            [
-                DenseLayer(
-                    in_channels + n * growth_rate,
-                    growth_rate,
-                    rngs=rngs,
-                    **layer_kwargs,
-                )
-                for n in range(num_layers)
-            ]
-        )
+        per_layer = [
+            DenseLayer(
+                in_channels + n * growth_rate, growth_rate, rngs=rngs, **layer_kwargs
+            )
+            for n in range(num_layers)
+        ]
+        if implementation == "scan":
+            self.layers = StackedLayers(per_layer, growth_rate)
+        else:
+            self.layers = nnx.List(per_layer)
 
     def __call__(self, x0: Array) -> Array:
         """Maps (batch, H, W, c_0) to (batch, H, W, c_0 + N k)."""
@@ -315,7 +359,7 @@ class DenseBlock(nnx.Module):
                 history = jnp.concatenate([history, layer(history)], axis=-1)
             return history
         if self.implementation == "scan":
-            return self._scan(x0)
+            return self.layers(x0)
         norm = self.layers[0].norm1  # any norm: each reduces over the same axes
         train = not norm.use_running_average
         if self.implementation == "lean" and train and self._no_dropout():
@@ -358,98 +402,250 @@ class DenseBlock(nnx.Module):
                 norm.statistics(None, moments)
         return history
 
-    def _padded(self, width: int) -> dict[str, Array]:
-        """Every layer's weights stacked on a new axis 0, inputs padded to `width`.
-
-        What reads the history (norm1, conv1's input axis) is zero-padded (a
-        variance with ones) from that layer's c_0 + n k channels to `width`.
-        """
-        per_layer = [layers.named_weights(layer) for layer in self.layers]
-        stacked = {}
-        for name in per_layer[0]:
-            values = [weights[name][...] for weights in per_layer]
-            if name.startswith("norm1.") or name == "conv1.kernel":
-                axis = values[0].ndim - 2 if name == "conv1.kernel" else 0
-                fill = 1.0 if name == "norm1.var" else 0.0
-                values = [_pad_axis(v, axis, width, fill) for v in values]
-            stacked[name] = jnp.stack(values)
-        return stacked
-
-    def _scan(self, x0: Array) -> Array:
-        """The block as one scanned layer over a (batch, H, W, c_0 + N k) buffer."""
-        first = self.layers[0]
-        c0, k, n_layers = x0.shape[-1], self.growth_rate, len(self.layers)
-        width = c0 + n_layers * k
-        norm1, act = first.norm1, layers.get_activation(first.activation)
-        train = not norm1.use_running_average
-        dtype = first.conv1.dtype or x0.dtype
-        weights = self._padded(width)
-        buffer = jnp.pad(x0, ((0, 0), (0, 0), (0, 0), (0, n_layers * k)))
-        mean0, var0 = norm1.moments(x0) if train else (None, None)
-        moments = (
-            (
-                jnp.pad(mean0, (0, n_layers * k)),
-                jnp.pad(var0, (0, n_layers * k), constant_values=1.0),
-            )
-            if train
-            else None
-        )
-
-        def conv(x, kernel):
-            return _conv(x, kernel.astype(dtype))
-
-        def normalise(norm, x, w, prefix, mean, var):
-            return _normalise(x, w, prefix, norm.epsilon, (mean, var), dtype)
-
-        def layer(carry, inputs):
-            buffer, moments = carry
-            n, w = inputs
-            mean, var = moments if train else (w["norm1.mean"], w["norm1.var"])
-            y = conv(
-                act(normalise(norm1, buffer.astype(dtype), w, "norm1", mean, var)),
-                w["conv1.kernel"],
-            )
-            out = {"norm1": (mean, var)}
-            if first.bottleneck:
-                norm2 = first.norm2
-                stats = norm2.moments(y) if train else (w["norm2.mean"], w["norm2.var"])
-                out["norm2"] = stats
-                y = conv(
-                    act(normalise(norm2, y, w, "norm2", *stats)), w["conv2.kernel"]
-                )
-            offset = c0 + n * k
-            buffer = jax.lax.dynamic_update_slice_in_dim(
-                buffer, y.astype(buffer.dtype), offset, axis=3
-            )
-            if train:
-                mean_y, var_y = norm1.moments(y)
-                moments = (
-                    jax.lax.dynamic_update_slice_in_dim(moments[0], mean_y, offset, 0),
-                    jax.lax.dynamic_update_slice_in_dim(moments[1], var_y, offset, 0),
-                )
-            return (buffer, moments), out
-
-        steps = (jnp.arange(n_layers), weights)
-        (buffer, _), used = jax.lax.scan(layer, (buffer, moments), steps)
-        if train:
-            self._update_running(used, c0, k)
-        return buffer
-
-    def _update_running(self, used: dict, c0: int, k: int) -> None:
-        """Running statistics of each layer from the batch statistics it used."""
-        for n, layer in enumerate(self.layers):
-            for prefix in ("norm1", "norm2") if layer.bottleneck else ("norm1",):
-                norm = getattr(layer, prefix)
-                channels = norm.num_features
-                mean, var = (s[n, :channels] for s in used[prefix])
-                norm.statistics(None, (mean, var))
-
 
 def _pad_axis(x: Array, axis: int, size: int, fill: float) -> Array:
     """x padded at the end of `axis` to `size` with `fill`."""
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, pad, constant_values=fill)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScanSpec:
+    """A scanned block's shape besides its weights (hashable, for jit)."""
+
+    layer: _LayerSpec
+    in_channels: int  # c_0
+    num_layers: int  # N
+
+    @property
+    def width(self) -> int:
+        return self.in_channels + self.num_layers * self.layer.growth_rate
+
+    def channels(self, n):
+        """c_0 + n k: what layer n reads, where it writes x_{n+1}."""
+        return self.in_channels + n * self.layer.growth_rate
+
+
+_HISTORY_READERS = ("norm1.scale", "norm1.bias", "conv1.kernel")
+
+
+def _masked(spec: _ScanSpec, n, w: dict) -> dict:
+    """Layer n's stacked-slice weights with the history's padding zeroed."""
+    mask = jnp.arange(spec.width) < spec.channels(n)
+    return w | {
+        name: w[name] * (mask[:, None] if name == "conv1.kernel" else mask)
+        for name in _HISTORY_READERS
+        if name in w
+    }
+
+
+def _write(spec: _ScanSpec, n, buffer: Array, y: Array, moments: tuple):
+    """The buffer with x_{n+1} = y written in, and its moments with y's."""
+    offset = spec.channels(n)
+    buffer = jax.lax.dynamic_update_slice_in_dim(
+        buffer, y.astype(buffer.dtype), offset, axis=3
+    )
+    if moments is not None:
+        new = layers.batch_moments(y, spec.layer.axis_name)
+        moments = tuple(
+            jax.lax.dynamic_update_slice_in_dim(m, v, offset, 0)
+            for m, v in zip(moments, new, strict=True)
+        )
+    return buffer, moments
+
+
+def _padded_buffer(spec: _ScanSpec, x0: Array) -> Array:
+    pad = spec.width - spec.in_channels
+    return jnp.pad(x0, ((0, 0), (0, 0), (0, 0), (0, pad)))
+
+
+def _scan_eval(spec: _ScanSpec, x0: Array, weights: dict) -> Array:
+    """A scanned block with running statistics: (batch, H, W, c_0) -> history."""
+    act, dtype = layers.get_activation(spec.layer.activation), spec.layer.dtype
+    epsilon = spec.layer.epsilon
+
+    def step(buffer, inputs):
+        n, w = inputs
+        w = _masked(spec, n, w)
+        running = (w["norm1.mean"], w["norm1.var"])
+        a = act(_normalise(buffer.astype(dtype), w, "norm1", epsilon, running, dtype))
+        y = _conv(a, w["conv1.kernel"].astype(dtype))
+        if spec.layer.bottleneck:
+            running = (w["norm2.mean"], w["norm2.var"])
+            a = act(_normalise(y, w, "norm2", epsilon, running, dtype))
+            y = _conv(a, w["conv2.kernel"].astype(dtype))
+        return _write(spec, n, buffer, y, None)[0], None
+
+    steps = (jnp.arange(spec.num_layers), weights)
+    return jax.lax.scan(step, _padded_buffer(spec, x0), steps)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def scanned_block(spec: _ScanSpec, x0: Array, weights: dict):
+    """A scanned dense block in train mode, memory linear in depth.
+
+    Maps x0 (batch, H, W, c_0) and the stacked weights {name: (N, ...)} to the
+    history (batch, H, W, W) and the batch statistics every layer used,
+    stacked ((N, W) means and variances of norm1, (N, 4k) of norm2). Like
+    `lean_block`, but both passes are one scan: the backward pass keeps only
+    the history and walks the layers in reverse, recomputing layer n from the
+    whole history (its masked weights ignore what it did not read) and adding
+    its gradient into one buffer.
+    """
+    return _scanned_forward(spec, x0, weights)[0]
+
+
+def _scanned_forward(spec, x0, weights):
+    mean0, var0 = layers.batch_moments(x0, spec.layer.axis_name)
+    pad = spec.width - spec.in_channels
+    moments = (jnp.pad(mean0, (0, pad)), jnp.pad(var0, (0, pad), constant_values=1))
+
+    def step(carry, inputs):
+        buffer, moments = carry
+        n, w = inputs
+        y, used = _layer(spec.layer, _masked(spec, n, w), buffer, moments)
+        return _write(spec, n, buffer, y, moments), used
+
+    carry = (_padded_buffer(spec, x0), moments)
+    (history, _), used = jax.lax.scan(
+        step, carry, (jnp.arange(spec.num_layers), weights)
+    )
+    return (history, used), (history, weights)
+
+
+def _scanned_backward(spec, saved, cotangents):
+    history, weights = saved
+    dtype, k = jnp.dtype(spec.layer.dtype), spec.layer.growth_rate
+
+    def step(grad, inputs):
+        n, w = inputs
+        dy = jax.lax.dynamic_slice_in_dim(grad, spec.channels(n), k, axis=3)
+
+        def layer(x, w):
+            return _layer(spec.layer, _masked(spec, n, w), x, conv=_conv_in_loop)[0]
+
+        _, layer_vjp = jax.vjp(layer, history, w)
+        dx, dw = layer_vjp(dy.astype(dtype))
+        return grad + dx.astype(grad.dtype), dw
+
+    steps = (jnp.arange(spec.num_layers), weights)
+    grad, dweights = jax.lax.scan(step, cotangents[0], steps, reverse=True)
+    return grad[..., : spec.in_channels], dweights
+
+
+scanned_block.defvjp(_scanned_forward, _scanned_backward)
+
+
+class StackedLayers(layers.Stacked):
+    """A dense block's N layers with every weight stacked on a layer axis.
+
+    Each weight is stored once for the block, e.g. norm1.scale (N, W) and
+    conv1.kernel (N, W, 4k) for W = c_0 + N k: what reads the history (norm1,
+    conv1's input axis) is zero-padded from layer n's c_0 + n k channels to W,
+    and the padding is masked when the layer runs, so it neither contributes
+    nor receives gradient. Per-layer names and shapes ('3.norm1.scale' of shape
+    (c_0 + 3k,)) come out of `unstack` and go in through `stack`.
+    """
+
+    def __init__(self, per_layer: Sequence[DenseLayer], growth_rate: int):
+        first = per_layer[0]
+        self.num_layers = len(per_layer)
+        self.growth_rate = growth_rate
+        self.in_channels = first.norm1.num_features
+        self.width = self.in_channels + self.num_layers * growth_rate
+        self.bottleneck, self.activation = first.bottleneck, first.activation
+        self.epsilon, self.momentum = first.norm1.epsilon, first.norm1.momentum
+        self.dtype = first.conv1.dtype
+        self.axis_name = first.norm1.axis_name
+        self.use_running_average = first.norm1.use_running_average
+        kinds = {k: type(v) for k, v in layers.named_weights(first).items()}
+        values = {
+            f"{n}.{k}": v[...]
+            for n, layer in enumerate(per_layer)
+            for k, v in layers.named_weights(layer).items()
+        }
+        for name, value in self.stack(values).items():
+            module, leaf = name.split(".")
+            if not hasattr(self, module):
+                setattr(self, module, _Weights())
+            setattr(getattr(self, module), leaf, kinds[name](value))
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def _channels(self, n: int) -> int:
+        return self.in_channels + n * self.growth_rate  # what layer n reads
+
+    @staticmethod
+    def _history_axis(name: str, ndim: int) -> int | None:
+        """The axis of a per-layer weight that reads the history, if any."""
+        if name.startswith("norm1."):
+            return 0
+        return ndim - 2 if name == "conv1.kernel" else None
+
+    def stack(self, per_layer: dict) -> dict:
+        """{'n.name': per-layer array} -> {'name': (N, ...) array}, zero-padded
+        (variances with ones) on the history axis to the block's width."""
+        stacked = {}
+        for name in sorted({k.split(".", 1)[1] for k in per_layer}):
+            values = [per_layer[f"{n}.{name}"] for n in range(self.num_layers)]
+            axis = self._history_axis(name, jnp.ndim(values[0]))
+            if axis is not None:
+                fill = 1.0 if name == "norm1.var" else 0.0
+                values = [_pad_axis(v, axis, self.width, fill) for v in values]
+            stacked[name] = jnp.stack(values)
+        return stacked
+
+    def unstack(self, stored: dict) -> dict:
+        """{'name': (N, ...) array} -> {'n.name': layer n's array, unpadded}."""
+        out = {}
+        for name, value in stored.items():
+            axis = self._history_axis(name, jnp.ndim(value) - 1)
+            for n in range(self.num_layers):
+                part = value[n]
+                if axis is not None:
+                    index = [slice(None)] * part.ndim
+                    index[axis] = slice(0, self._channels(n))
+                    part = part[tuple(index)]
+                out[f"{n}.{name}"] = part
+        return out
+
+    def _spec(self, dtype) -> "_ScanSpec":
+        layer = _LayerSpec(
+            activation=self.activation,
+            bottleneck=self.bottleneck,
+            epsilon=self.epsilon,
+            growth_rate=self.growth_rate,
+            dtype=jnp.dtype(self.dtype or dtype).name,
+            axis_name=self.axis_name,
+        )
+        return _ScanSpec(layer, self.in_channels, self.num_layers)
+
+    def __call__(self, x0: Array) -> Array:
+        """Maps (batch, H, W, c_0) to the history (batch, H, W, c_0 + N k)."""
+        spec = self._spec(x0.dtype)
+        weights = {k: v[...] for k, v in layers.named_weights(self).items()}
+        if self.use_running_average:
+            return _scan_eval(spec, x0, weights)
+        params = {k: v for k, v in weights.items() if not k.endswith((".mean", ".var"))}
+        history, used = scanned_block(spec, x0, params)
+        self._update_running(used)
+        return history
+
+    def _update_running(self, used: tuple) -> None:
+        """Every layer's running statistics from the batch statistics it used,
+        in one update per stacked statistic (padding keeps mean 0, var 1)."""
+        keep = self.momentum
+        for prefix, (mean, var) in zip(("norm1", "norm2"), used, strict=False):
+            norm = getattr(self, prefix)
+            for stat, batch in ((norm.mean, mean), (norm.var, var)):
+                batch = jax.lax.stop_gradient(batch)
+                stat.set_value(keep * stat[...] + (1 - keep) * batch)
+
+
+class _Weights(nnx.Module):
+    """A namespace of stacked variables (StackedLayers' norm1, conv1, ...)."""
 
 
 class Transition(nnx.Module):

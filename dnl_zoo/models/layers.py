@@ -272,35 +272,107 @@ def dotted_path(path: tuple) -> str:
 
 
 def named_weights(module: nnx.Module) -> dict[str, nnx.Variable]:
-    """The module's weights by dotted path, e.g. 'blocks.0.layers.1.conv1.kernel'."""
+    """The module's weight variables by stored dotted path, e.g. 'classifier.bias'.
+
+    Paths as the module holds them: 'blocks.0.layers.1.conv1.kernel', and for a
+    `Stacked` module its layers' weights on a layer axis ('blocks.0.layers.
+    conv1.kernel'); `weight_values` names every weight per layer.
+    """
     return {
         ".".join(map(str, path)): variable
         for path, variable in nnx.to_flat_state(nnx.state(module, WEIGHTS))
     }
 
 
+class Stacked(nnx.Module):
+    """A module that stores several layers' weights stacked on a layer axis.
+
+    Checkpoints, conversions and `load_weights` name weights per layer
+    ('3.norm1.scale'), whatever the storage ('norm1.scale' of shape (N, ...)).
+    Subclasses convert between the two spellings of their own weights, in dotted
+    names relative to themselves.
+    """
+
+    def unstack(self, stored: dict) -> dict:
+        """Stored-layout arrays (weights or their gradients) by per-layer name."""
+        raise NotImplementedError
+
+    def stack(self, per_layer: dict) -> dict:
+        """The stored-layout arrays of a complete set of per-layer arrays."""
+        raise NotImplementedError
+
+
+def _stacked_modules(module: nnx.Module) -> list[tuple[str, Stacked]]:
+    """(dotted prefix with its trailing '.', module) of every Stacked inside."""
+    return [
+        ("".join(f"{key}." for key in path), sub)
+        for path, sub in nnx.iter_modules(module)
+        if isinstance(sub, Stacked)
+    ]
+
+
+def _take(flat: dict, prefix: str) -> dict:
+    """Removes and returns the entries of `flat` under `prefix`, prefix dropped."""
+    return {k[len(prefix) :]: flat.pop(k) for k in list(flat) if k.startswith(prefix)}
+
+
+def per_layer(module: nnx.Module, stored: dict) -> dict:
+    """`stored` (the module's weights or gradients by stored dotted path) by
+    per-layer path: every Stacked module's entries unstacked."""
+    out = dict(stored)
+    for prefix, sub in _stacked_modules(module):
+        out |= {prefix + k: v for k, v in sub.unstack(_take(out, prefix)).items()}
+    return out
+
+
+def weight_values(module: nnx.Module) -> dict[str, np.ndarray]:
+    """The module's weights by per-layer dotted path, as checkpoints name them.
+
+    The same names and shapes for every dense-block implementation.
+    """
+    stored = {k: np.asarray(v[...]) for k, v in named_weights(module).items()}
+    return per_layer(module, stored)
+
+
+def _check_names_and_shapes(module: nnx.Module, values: dict, expected: dict) -> None:
+    unknown = sorted(set(values) - set(expected))
+    if unknown:
+        raise KeyError(f"{type(module).__name__} has no weights {unknown[:3]}")
+    for name, value in values.items():
+        if tuple(np.shape(value)) != tuple(expected[name]):
+            raise ValueError(
+                f"{name}: expected shape {tuple(expected[name])}, got "
+                f"{tuple(np.shape(value))}"
+            )
+
+
 def load_weights(module: nnx.Module, values: dict) -> None:
-    """Sets the weights named in `values` (dotted paths) to those arrays.
+    """Sets the weights named in `values` (per-layer dotted paths) to those arrays.
 
     Each array takes the dtype of the weight it replaces; a name the module
     lacks, or a shape that differs, is an error.
     """
     flat = nnx.to_flat_state(nnx.state(module, WEIGHTS))
-    names = {".".join(map(str, path)) for path, _ in flat}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise KeyError(f"{type(module).__name__} has no weights {unknown[:3]}")
+    expected = {".".join(map(str, p)): v[...].shape for p, v in flat}
+    stored = dict(values)
+    for prefix, sub in _stacked_modules(module):
+        given = _take(stored, prefix)
+        if not given:
+            continue
+        current = per_layer(sub, {k: v[...] for k, v in named_weights(sub).items()})
+        _check_names_and_shapes(
+            module,
+            {prefix + k: v for k, v in given.items()},
+            {prefix + k: v.shape for k, v in current.items()},
+        )
+        stored |= {prefix + k: v for k, v in sub.stack(current | given).items()}
+    _check_names_and_shapes(module, stored, expected)
     updates = []
     for path, variable in flat:
         name = ".".join(map(str, path))
-        if name not in values:
-            continue
-        value = jnp.asarray(values[name], variable[...].dtype)
-        if value.shape != variable[...].shape:
-            raise ValueError(
-                f"{name}: expected shape {variable[...].shape}, got {value.shape}"
-            )
-        updates.append((path, variable.replace(value)))
+        if name in stored:
+            value = jnp.asarray(stored[name], variable[...].dtype)
+            updates.append((path, variable.replace(value)))
     nnx.update(module, nnx.from_flat_state(updates))
 
 
