@@ -404,9 +404,39 @@ def _block_temp_bytes(implementation: str, num_layers: int) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_lean_blocks_keep_xla_memory_linear_in_depth():
+@pytest.mark.parametrize("implementation", ["lean", "scan"])
+def test_recomputing_blocks_keep_xla_memory_linear_in_depth(implementation):
     # What XLA allocates, not what JAX saves: the recomputation must not be
     # folded back into the forward pass (see densenet._after).
-    plain, lean = _block_temp_bytes("plain", 16), _block_temp_bytes("lean", 16)
-    print(f"16-layer block, XLA temp bytes lean / plain: {lean / plain:.2f}")
+    plain = _block_temp_bytes("plain", 16)
+    lean = _block_temp_bytes(implementation, 16)
+    print(
+        f"16-layer block, XLA temp bytes {implementation} / plain: {lean / plain:.2f}"
+    )
     assert lean < 0.4 * plain, (lean, plain)
+
+
+def _train_step_equations(depth: int) -> int:
+    """Equations in the jaxpr of a scanned DenseNet-BC's training gradient."""
+    model = cifar_densenet(
+        depth, 12, bottleneck=True, compression=0.5, implementation="scan",
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    graphdef, state = nnx.split(model)
+    x, y = jnp.zeros((2, 16, 16, 3)), jnp.zeros((2,), jnp.int32)
+
+    def step(state):
+        model = nnx.merge(graphdef, state)
+        model.train()
+
+        def loss(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+        return nnx.grad(loss)(model)
+
+    return len(jax.make_jaxpr(step)(state).jaxpr.eqns)
+
+
+def test_scan_traces_the_same_program_at_every_depth():
+    # What compile time follows: the program XLA gets does not grow with depth.
+    assert _train_step_equations(40) == _train_step_equations(250)
