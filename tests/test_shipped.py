@@ -7,8 +7,11 @@ of the depth table recomputed from the weights.
 
 import pathlib
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import dnl_zoo
 from dnl_zoo import pretrained, reproduce
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -105,3 +108,13 @@ def test_parked_training_runs_restore_with_their_optimiser_state(
     if name.startswith("dnl"):
         with pytest.raises(train.CheckpointLayoutError, match="Resume with the config"):
             train.restore_params(config, workdir)
+
+
+def test_a_shipped_densenet_loads_into_the_scanned_implementation():
+    name = "densenet_bc16_k12_fmnist"
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 28, 28, 1)), jnp.float32)
+    expected = dnl_zoo.create_model(name, pretrained=True)
+    scanned = dnl_zoo.create_model(name, pretrained=True, implementation="scan")
+    expected.eval()
+    scanned.eval()
+    np.testing.assert_allclose(scanned(x), expected(x), rtol=1e-4, atol=1e-4)
