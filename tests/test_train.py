@@ -16,13 +16,14 @@ from dnl_zoo import train
 from dnl_zoo.models.densenet import DenseNet
 
 
-def tiny_model() -> DenseNet:
+def tiny_model(implementation: str = "plain") -> DenseNet:
     return DenseNet(
         block_config=(2, 2),
         growth_rate=4,
         num_init_features=8,
         in_channels=1,
         num_classes=4,
+        implementation=implementation,
         rngs=nnx.Rngs(0),
     )
 
@@ -35,10 +36,10 @@ def synthetic_batch(step: int, size: int = 16) -> dict:
     return {"image": images, "label": labels}
 
 
-def run(parallelism: str, devices: list, steps: int = 10):
+def run(parallelism: str, devices: list, steps: int = 10, implementation="plain"):
     config = config_lib.base_config()
     config.parallelism = parallelism
-    model = tiny_model()
+    model = tiny_model(implementation)
     if parallelism == "pmap":
         train._set_batch_norm_axis(model, "data")
     optimizer = nnx.Optimizer(model, optax.sgd(0.05, momentum=0.9), wrt=nnx.Param)
@@ -66,6 +67,14 @@ def test_sharded_and_pmap_training_equal_one_device():
         for a, b in zip(params, reference_params, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert reference[-1] < reference[0]
+
+
+@pytest.mark.parametrize("implementation", ["lean", "scan"])
+def test_recomputing_blocks_train_under_pmap_like_plain_on_one_device(implementation):
+    # Their custom VJPs take batch statistics over the pmap axis like BatchNorm.
+    reference, _ = run("jit", jax.devices()[:1])
+    losses, _ = run("pmap", jax.devices(), implementation=implementation)
+    np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_overrides_parse_types_and_reject_unknown_keys():
