@@ -758,8 +758,10 @@ class DenseNet(nnx.Module):
       stem: 'cifar' or 'imagenet'.
       in_channels: image channels (1 for Fashion-MNIST, 3 for RGB).
       num_classes: outputs of the classifier.
-      implementation: how dense blocks run ('plain', 'shared', 'lean'; see
-        DenseBlock); weights and checkpoints are the same for every choice.
+      implementation: how dense blocks run ('plain', 'shared', 'lean', 'scan';
+        see DenseBlock). Weights by per-layer name (`layers.weight_values`) and
+        shipped checkpoints are the same for every choice; 'scan' stores them
+        stacked per block.
     """
 
     def __init__(
