@@ -188,8 +188,8 @@ def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
 
 def _set_batch_norm_axis(model: nnx.Module, axis_name: str | None) -> None:
     for _, module in nnx.iter_modules(model):
-        # BatchNorm, and a scanned block's stacked norms (densenet.StackedLayers)
-        if isinstance(module, layers.BatchNorm) or hasattr(module, "axis_name"):
+        # layers.BatchNorm, and a scanned block's stacked norms (StackedLayers)
+        if hasattr(module, "axis_name"):
             module.axis_name = axis_name
 
 

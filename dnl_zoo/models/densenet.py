@@ -574,9 +574,6 @@ class StackedLayers(layers.Stacked):
     def __len__(self) -> int:
         return self.num_layers
 
-    def _channels(self, n: int) -> int:
-        return self.in_channels + n * self.growth_rate  # what layer n reads
-
     @staticmethod
     def _history_axis(name: str, ndim: int) -> int | None:
         """The axis of a per-layer weight that reads the history, if any."""
@@ -606,7 +603,7 @@ class StackedLayers(layers.Stacked):
                 part = value[n]
                 if axis is not None:
                     index = [slice(None)] * part.ndim
-                    index[axis] = slice(0, self._channels(n))
+                    index[axis] = slice(0, self.in_channels + n * self.growth_rate)
                     part = part[tuple(index)]
                 out[f"{n}.{name}"] = part
         return out
