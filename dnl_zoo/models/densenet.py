@@ -193,27 +193,46 @@ def _lean_block_forward(spec, x0, weights):
         sources.append(y)
         moments.append(layers.batch_moments(y, spec.axis_name))
     history = jnp.concatenate(sources, axis=-1)
-    return (history, tuple(used)), (history, weights)
+    shared = tuple(jnp.concatenate(m) for m in zip(*moments, strict=True))
+    return (history, tuple(used)), (history, weights, shared)
+
+
+def _with_moment_grads(spec, x: Array, dx: Array, dmoments: tuple) -> Array:
+    """dx plus the gradient that reaches source x (batch, H, W, c) through its
+    own batch moments, whose gradients `dmoments` ((c,), (c,)) every later
+    layer has added to."""
+    _, moments_vjp = jax.vjp(lambda x: layers.batch_moments(x, spec.axis_name), x)
+    return dx + moments_vjp(dmoments)[0].astype(dx.dtype)
 
 
 def _lean_block_backward(spec, saved, cotangents):
-    history, weights = saved
+    history, weights, moments = saved
     grad = cotangents[0]  # the statistics only feed running averages
-    c0 = history.shape[-1] - len(weights) * spec.growth_rate
+    k = spec.growth_rate
+    c0 = history.shape[-1] - len(weights) * k
+    # Each source's moments are one function of it, shared by every later
+    # layer: their gradients add up here, and reach the source once, when its
+    # own layer is reached (linear in depth, as the forward's statistics).
+    dmoments = tuple(jnp.zeros_like(m) for m in moments)
     dweights = [None] * len(weights)
     for n in reversed(range(len(weights))):
-        width = c0 + n * spec.growth_rate
-        dy = grad[..., width : width + spec.growth_rate]
+        width = c0 + n * k
+        part = tuple(m[width : width + k] for m in dmoments)
+        x_new = history[..., width : width + k]
+        dy = _with_moment_grads(spec, x_new, grad[..., width : width + k], part)
         # A slice at a start XLA cannot see (zero, from dy): a static slice of
         # the history would be folded into the forward's own concatenation of
         # x_0..x_{n-1}, keeping that alive instead.
         start = _after(jnp.zeros((), jnp.int32), dy)
         x = jax.lax.dynamic_slice_in_dim(history, start, width, axis=3)
-        w = _after(weights[n], dy)
-        _, layer_vjp = jax.vjp(lambda x, w: _layer(spec, w, x)[0], x, w)
-        dx, dweights[n] = layer_vjp(dy)
+        w, m = _after((weights[n], tuple(m[:width] for m in moments)), dy)
+        _, layer_vjp = jax.vjp(lambda x, w, m: _layer(spec, w, x, m)[0], x, w, m)
+        dx, dweights[n], dm = layer_vjp(dy)
         grad = grad.at[..., :width].add(dx.astype(grad.dtype))
-    return grad[..., :c0], tuple(dweights)
+        dmoments = tuple(d.at[:width].add(e) for d, e in zip(dmoments, dm, strict=True))
+    part = tuple(m[:c0] for m in dmoments)
+    dx0 = _with_moment_grads(spec, history[..., :c0], grad[..., :c0], part)
+    return dx0, tuple(dweights)
 
 
 lean_block.defvjp(_lean_block_forward, _lean_block_backward)
@@ -508,30 +527,43 @@ def _scanned_forward(spec, x0, weights):
         return _write(spec, n, buffer, y, moments), used
 
     carry = (_padded_buffer(spec, x0), moments)
-    (history, _), used = jax.lax.scan(
+    (history, moments), used = jax.lax.scan(
         step, carry, (jnp.arange(spec.num_layers), weights)
     )
-    return (history, used), (history, weights)
+    return (history, used), (history, weights, moments)
 
 
 def _scanned_backward(spec, saved, cotangents):
-    history, weights = saved
+    history, weights, moments = saved
     dtype, k = jnp.dtype(spec.layer.dtype), spec.layer.growth_rate
 
-    def step(grad, inputs):
+    def step(carry, inputs):
+        grad, dmoments = carry
         n, w = inputs
-        dy = jax.lax.dynamic_slice_in_dim(grad, spec.channels(n), k, axis=3)
 
-        def layer(x, w):
-            return _layer(spec.layer, _masked(spec, n, w), x, conv=_conv_in_loop)[0]
+        def new(a, axis):  # x_{n+1}'s channels of a
+            return jax.lax.dynamic_slice_in_dim(a, spec.channels(n), k, axis)
 
-        _, layer_vjp = jax.vjp(layer, history, w)
-        dx, dw = layer_vjp(dy.astype(dtype))
-        return grad + dx.astype(grad.dtype), dw
+        part = tuple(new(d, 0) for d in dmoments)
+        dy = _with_moment_grads(spec.layer, new(history, 3), new(grad, 3), part)
+
+        def layer(x, w, m):
+            w = _masked(spec, n, w)
+            return _layer(spec.layer, w, x, m, conv=_conv_in_loop)[0]
+
+        _, layer_vjp = jax.vjp(layer, history, w, moments)
+        dx, dw, dm = layer_vjp(dy.astype(dtype))
+        dmoments = tuple(d + e for d, e in zip(dmoments, dm, strict=True))
+        return (grad + dx.astype(grad.dtype), dmoments), dw
 
     steps = (jnp.arange(spec.num_layers), weights)
-    grad, dweights = jax.lax.scan(step, cotangents[0], steps, reverse=True)
-    return grad[..., : spec.in_channels], dweights
+    carry = (cotangents[0], tuple(jnp.zeros_like(m) for m in moments))
+    (grad, dmoments), dweights = jax.lax.scan(step, carry, steps, reverse=True)
+    c0 = spec.in_channels
+    part = tuple(d[:c0] for d in dmoments)
+    return _with_moment_grads(
+        spec.layer, history[..., :c0], grad[..., :c0], part
+    ), dweights
 
 
 scanned_block.defvjp(_scanned_forward, _scanned_backward)
