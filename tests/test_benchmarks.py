@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import run
+from benchmarks import profile, run
 
 
 def test_harness_smoke(tmp_path, capsys):
@@ -56,3 +56,50 @@ def test_harness_smoke(tmp_path, capsys):
 
 def test_peak_resident_memory_of_one_step_in_a_fresh_process():
     assert run.peak_rss(10, 2, 8, "lean") > 50 * 2**20
+
+
+def test_profile_smoke_splits_a_step_by_pass_and_kind(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    result = profile.main(
+        [
+            "--depth=10",
+            "--batch-size=4",
+            "--image-size=8",
+            "--steps=1",
+            "--warmup=1",
+            "--devices=2",
+            f"--json={out}",
+        ]
+    )
+    assert "| backward | convolution |" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    kinds = {(row["pass"], row["kind"]) for row in saved["rows"]}
+    # A training step convolves and multiplies forwards and backwards.
+    for pass_ in ("forward", "backward"):
+        assert {(pass_, "convolution"), (pass_, "dot")} <= kinds
+    assert all(row["ms"] > 0 and row["count"] > 0 for row in result["rows"])
+    # The operations ran inside the step, so they cannot outlast it (the
+    # two devices' times are averaged).
+    assert sum(row["ms"] for row in result["rows"]) <= saved["wall_ms"]
+
+
+def test_profile_classes_a_fusion_by_its_root_and_pass():
+    hlo = "\n".join(
+        [
+            "%fused_computation.1 (p: f32[4]) -> f32[4] {",
+            "  %p = f32[4]{0} parameter(0)",
+            '  ROOT %dot.2 = f32[4]{0} dot(%p, %p), metadata={op_name="x/dot"}',
+            "}",
+            "ENTRY %main (a: f32[4]) -> f32[4] {",
+            "  %a = f32[4]{0} parameter(0)",
+            "  %fusion.3 = f32[4]{0} fusion(%a), kind=kOutput, "
+            'calls=%fused_computation.1, metadata={op_name="transpose(jvp())/dot"}',
+            "  ROOT %convolution.4 = f32[4]{0} convolution(%fusion.3, %a)",
+            "}",
+        ]
+    )
+    classes = profile.classify(hlo)
+    assert classes["fusion.3"] == ("backward", "dot")
+    assert classes["dot.2"] == ("forward", "dot")
+    assert classes["convolution.4"] == ("backward", "convolution")
+    assert classes["a"] == ("unnamed", "elementwise and other")
