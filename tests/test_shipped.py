@@ -100,6 +100,24 @@ def test_the_smallest_row_recomputed_from_its_weights(entries, fashion_mnist_dir
 PARKED = sorted((ROOT / "checkpoints" / "training").glob("*/checkpoints"))
 
 
+def _ladder_rungs() -> list[str]:
+    """The rungs scripts/train_ladder.sh trains when given none."""
+    script = (ROOT / "scripts" / "train_ladder.sh").read_text()
+    listed = script.split("names=(dnl_conv_n1", 1)[1].split(")", 1)[0]
+    return ["dnl_conv_n1", *listed.split()]
+
+
+def test_every_ladder_rung_is_shipped_or_parked_not_both():
+    # What a fresh clone has: each rung's final weights, or the training
+    # checkpoint it resumes from (parked runs are tested below, if any).
+    rungs = _ladder_rungs()
+    assert len(rungs) >= 9, rungs
+    parked = {p.parent.name for p in PARKED}
+    shipped = {r for r in rungs if (ROOT / "checkpoints" / r / "model.json").exists()}
+    assert set(rungs) == shipped | parked, set(rungs) - shipped - parked
+    assert not shipped & parked, shipped & parked
+
+
 @pytest.mark.parametrize("parked", PARKED, ids=[p.parent.name for p in PARKED])
 def test_parked_training_runs_restore_with_their_optimiser_state(
     parked, fashion_mnist_dir, tmp_path
