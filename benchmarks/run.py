@@ -10,7 +10,8 @@ Measures, side by side and in the same run:
   implementation, on one device and split over --devices (rows 'xN'; on a CPU,
   one JAX device per core: XLA runs many operations of one device on a single
   thread), and PyTorch eager in its default layout (NCHW) and channels_last,
-  same architecture, batch and optimiser;
+  same architecture, batch and optimiser; with --dtypes, dnl_zoo's step also
+  computes in each dtype named (float32 parameters either way);
 - for each CIFAR DenseNet-BC depth in --depths and each implementation: compile
   seconds, XLA's temporary bytes of the compiled training step
   (`memory_analysis().temp_size_in_bytes`), and the peak resident memory of a
@@ -61,10 +62,13 @@ MODELS = {
 }  # fmt: skip
 
 
-def build_jax(arch: dict, classes: int, implementation: str):
-    """The compiled training step (state, images, labels) -> (state, loss)."""
+def build_jax(arch: dict, classes: int, implementation: str, dtype=None):
+    """The compiled training step (state, images, labels) -> (state, loss).
+
+    `dtype` is the computation's (float32 parameters either way)."""
     model = DenseNet(
         **arch,
+        dtype=dtype,
         bottleneck=True,
         compression=0.5,
         num_classes=classes,
@@ -89,6 +93,11 @@ def build_jax(arch: dict, classes: int, implementation: str):
         return nnx.state((model, optimizer)), loss
 
     return jax.jit(step, donate_argnums=0), state
+
+
+def _dtype(name: str):
+    """A --dtypes name as the model's dtype (None: the default, float32)."""
+    return None if name == "float32" else jnp.dtype(name)
 
 
 def _inputs(batch: int, size: int, classes: int):
@@ -147,9 +156,11 @@ def _data_parallel(state, images, labels, devices: int):
     return state, jax.device_put(images, split), jax.device_put(labels, split)
 
 
-def time_jax(arch, classes, batch, size, implementation, steps, warmup, devices=1):
+def time_jax(
+    arch, classes, batch, size, implementation, steps, warmup, devices=1, dtype=None
+):
     """Step seconds of dnl_zoo's training step, data parallel over `devices`."""
-    step, state = build_jax(arch, classes, implementation)
+    step, state = build_jax(arch, classes, implementation, dtype)
     images, labels = _inputs(batch, size, classes)
     state, images, labels = _data_parallel(state, images, labels, devices)
     carry = [state]
@@ -228,12 +239,14 @@ def _throughput(name: str, args) -> dict:
         arch = cifar_bc(args.depth)
     timing = (args.steps, args.warmup)
     times = {}
-    for devices in args.devices:
-        suffix = f" x{devices}" if devices > 1 else ""
-        for impl in args.implementations:
-            times[f"dnl_zoo {impl}{suffix}"] = time_jax(
-                arch, classes, batch, size, impl, *timing, devices=devices
-            )
+    for dtype in args.dtypes:
+        for devices in args.devices:
+            suffix = f" x{devices}" if devices > 1 else ""
+            suffix += f" {dtype}" if dtype != "float32" else ""
+            for impl in args.implementations:
+                times[f"dnl_zoo {impl}{suffix}"] = time_jax(
+                    arch, classes, batch, size, impl, *timing, devices, _dtype(dtype)
+                )
     if not args.no_torch:
         for layout, channels_last in (("", False), (" channels_last", True)):
             times[f"torch{layout}"] = time_torch(
@@ -344,6 +357,12 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="*",
         help="data-parallel device counts of the speed test (default: 1 and one "
         "per core on a CPU); a row 'dnl_zoo IMPL xN' is the step split over N",
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="*",
+        default=["float32"],
+        help="computation dtypes of the speed test; rows name any but float32",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
