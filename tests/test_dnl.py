@@ -237,3 +237,56 @@ def test_norm_none_drops_every_norm_including_the_imagenet_stems():
     assert not [p for p in layers.named_weights(model) if "norm" in p]
     x = jax.random.normal(jax.random.key(3), (2, 32, 32, 1))
     assert model(x).shape == (2, 10)
+
+
+def _dnl_step(implementation: str, transform: str, bottleneck: bool, x, y):
+    """Loss, gradients, updated statistics and eval logits of one SGD step."""
+    model = DNLNet(
+        **SMALL,
+        transform=transform,
+        bottleneck=bottleneck,
+        implementation=implementation,
+        rngs=nnx.Rngs(0),
+    )
+    randomise(model, 3)
+    model.train()
+
+    def loss_fn(model):
+        logits = model(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    grads = {
+        layers.dotted_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)
+    }
+    stats = {
+        k: v for k, v in flat_arrays(model).items() if k.endswith((".mean", ".var"))
+    }
+    model.eval()
+    return float(loss), grads, stats, np.asarray(model(x))
+
+
+@pytest.mark.parametrize(
+    "transform, bottleneck", [("local", False), ("local+dot_product", True)]
+)
+def test_shared_statistics_are_a_choice_of_computation_not_of_results(
+    transform, bottleneck
+):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(6, 12, 12, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 6))
+    loss0, grads0, stats0, logits0 = _dnl_step("plain", transform, bottleneck, x, y)
+    loss, grads, stats, logits = _dnl_step("shared", transform, bottleneck, x, y)
+    assert loss == pytest.approx(loss0, rel=1e-6)
+    assert grads.keys() == grads0.keys() and stats.keys() == stats0.keys()
+    for key, expected in grads0.items():
+        scale = np.max(np.abs(expected)) + 1e-12
+        np.testing.assert_allclose(grads[key] / scale, expected / scale, atol=2e-5)
+    for key, expected in stats0.items():
+        np.testing.assert_allclose(stats[key], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, logits0, rtol=1e-4, atol=1e-5)
+
+
+def test_dnl_block_implementation_is_checked():
+    with pytest.raises(ValueError, match=r"one of \('plain', 'shared'\), got 'lean'"):
+        DNLNet(**SMALL, implementation="lean", rngs=nnx.Rngs(0))

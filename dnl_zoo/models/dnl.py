@@ -209,19 +209,40 @@ class DNLLayer(nnx.Module):
             f"transform.{p}": a for p, a in self.transform.history_params.items()
         }
 
-    def __call__(self, history: Array) -> Array:
-        """Maps (batch, H, W, c0 + (n-1) k) history to (batch, H, W, k)."""
+    def __call__(self, history: Array, moments: tuple | None = None) -> Array:
+        """Maps (batch, H, W, c0 + (n-1) k) history to (batch, H, W, k).
+
+        `moments` ((C,), (C,)) are the history's batch moments when the block
+        computed them once per source (train mode, 'shared'); otherwise
+        norm1 takes them here.
+        """
         act = layers.get_activation(self.activation)
         scale = history_scale(self.c0, self.index - 1, self.growth_rate, self.h)
-        u = act(self.norm1(history)) * scale.astype(history.dtype)
+        norm = self.norm1.batch
+        if moments is None or norm is None:
+            u = act(self.norm1(history))
+        else:
+            gain, shift = norm.affine(*norm.statistics(history, moments), history.dtype)
+            u = act(history * gain + shift)
+        u = u * scale.astype(history.dtype)
         if self.bottleneck:
             u = self.dropout(self.aggregate(u))
             u = act(self.norm2(u))
         return self.dropout(self.transform(u))
 
 
+IMPLEMENTATIONS = ("plain", "shared")
+
+
 class DNLBlock(nnx.Module):
-    """N DNL layers at step h; returns the whole history [x_0, x_1, ..., x_N]."""
+    """N DNL layers at step h; returns the whole history [x_0, x_1, ..., x_N].
+
+    `implementation` chooses how, never what (the same weights, outputs and
+    gradients to float32 rounding): 'plain' lets every layer take the batch
+    statistics of its whole input (quadratic in depth); 'shared' computes each
+    source's once and shares them between the layers that read it, as
+    DenseNet's 'shared' block does.
+    """
 
     def __init__(
         self,
@@ -231,9 +252,16 @@ class DNLBlock(nnx.Module):
         *,
         horizon: float = 1.0,  # T
         depth_scale: str = "step",
+        implementation: str = "plain",
         rngs: nnx.Rngs,
         **layer_kwargs,
     ):
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"a DNL block's implementation must be one of {IMPLEMENTATIONS}, "
+                f"got {implementation!r}"
+            )
+        self.implementation = implementation
         self.c0, self.num_layers, self.growth_rate = c0, num_layers, growth_rate
         self.h = step_size(horizon, num_layers, depth_scale)  # h = T / N
         self.layers = nnx.List(
@@ -254,10 +282,20 @@ class DNLBlock(nnx.Module):
 
     def __call__(self, x0: Array) -> Array:
         """Maps (batch, H, W, c0) to (batch, H, W, c0 + N k)."""
-        history = x0
+        norm = self.layers[0].norm1.batch  # any: each reduces over the same axes
+        shared = self.implementation == "shared" and norm is not None
+        if not shared or norm.use_running_average:
+            history = x0
+            for layer in self.layers:
+                history = jnp.concatenate([history, layer(history)], axis=-1)
+            return history
+        sources, moments = [x0], [norm.moments(x0)]
         for layer in self.layers:
-            history = jnp.concatenate([history, layer(history)], axis=-1)
-        return history
+            given = tuple(jnp.concatenate(m) for m in zip(*moments, strict=True))
+            y = layer(jnp.concatenate(sources, axis=-1), given)
+            sources.append(y)
+            moments.append(norm.moments(y))
+        return jnp.concatenate(sources, axis=-1)
 
 
 class DNLTransition(nnx.Module):
@@ -313,6 +351,8 @@ class DNLNet(nnx.Module):
       transition_features: channels out of every transition. None keeps
         DenseNet's floor(theta * C), which grows with depth; depth transfer
         needs a fixed width, so the depth-sweep presets set it.
+      implementation: how blocks take their batch statistics ('plain' or
+        'shared'; see DNLBlock); the same weights and results either way.
     """
 
     def __init__(
@@ -340,6 +380,7 @@ class DNLNet(nnx.Module):
         norm_epsilon: float = 1e-5,
         norm_momentum: float = 0.9,
         dtype=None,
+        implementation: str = "plain",
         rngs: nnx.Rngs,
     ):
         # The constructor arguments, so that depth transfer can rebuild the
@@ -385,6 +426,7 @@ class DNLNet(nnx.Module):
                 growth_rate,
                 horizon=horizon,
                 depth_scale=depth_scale,
+                implementation=implementation,
                 transform=transforms[b],
                 pool=pools[b],
                 rngs=rngs,
