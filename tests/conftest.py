@@ -70,3 +70,20 @@ def checkpoints(shipped, monkeypatch, tmp_path):
     shutil.copytree(shipped[0], copy)
     monkeypatch.setenv("DNL_ZOO_CHECKPOINTS", str(copy))
     return copy
+
+
+def assert_same_step(result: tuple, reference: tuple) -> None:
+    """Two (loss, grads, statistics, eval logits) of one training step agree to
+    float32 rounding: what every block implementation owes the plain one."""
+    import numpy as np
+
+    loss, grads, stats, logits = result
+    loss0, grads0, stats0, logits0 = reference
+    assert loss == pytest.approx(loss0, rel=1e-6)
+    assert grads.keys() == grads0.keys() and stats.keys() == stats0.keys()
+    for key, expected in grads0.items():
+        scale = np.max(np.abs(expected)) + 1e-12
+        np.testing.assert_allclose(grads[key] / scale, expected / scale, atol=2e-5)
+    for key, expected in stats0.items():
+        np.testing.assert_allclose(stats[key], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, logits0, rtol=1e-4, atol=1e-5)
