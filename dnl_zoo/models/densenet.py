@@ -586,6 +586,9 @@ class StackedLayers(layers.Stacked):
         self.growth_rate = growth_rate
         self.in_channels = first.norm1.num_features
         self.width = self.in_channels + self.num_layers * growth_rate
+        # Plain attributes, not one stored _LayerSpec: train()/eval() and the
+        # trainer's pmap axis set use_running_average and axis_name on every
+        # module that has them; _spec() packs the current values per call.
         self.bottleneck, self.activation = first.bottleneck, first.activation
         self.epsilon, self.momentum = first.norm1.epsilon, first.norm1.momentum
         self.dtype = first.conv1.dtype
