@@ -187,14 +187,13 @@ def lean_block(spec: _LayerSpec, x0: Array, weights: tuple[dict, ...]):
 def _lean_block_forward(spec, x0, weights):
     sources, moments, used = [x0], [layers.batch_moments(x0, spec.axis_name)], []
     for w in weights:
-        shared = tuple(jnp.concatenate(m) for m in zip(*moments, strict=True))
+        shared = layers.joined_moments(moments)
         y, stats = _layer(spec, w, jnp.concatenate(sources, axis=-1), shared)
         used.append(stats)
         sources.append(y)
         moments.append(layers.batch_moments(y, spec.axis_name))
     history = jnp.concatenate(sources, axis=-1)
-    shared = tuple(jnp.concatenate(m) for m in zip(*moments, strict=True))
-    return (history, tuple(used)), (history, weights, shared)
+    return (history, tuple(used)), (history, weights, layers.joined_moments(moments))
 
 
 def _with_moment_grads(spec, x: Array, dx: Array, dmoments: tuple) -> Array:
@@ -288,9 +287,7 @@ class DenseLayer(nnx.Module):
         """
         act = layers.get_activation(self.activation)
         sources = history if isinstance(history, list) else [history]
-        shared = None
-        if moments is not None:
-            shared = tuple(jnp.concatenate(m) for m in zip(*moments, strict=True))
+        shared = None if moments is None else layers.joined_moments(moments)
         mean, var = self.norm1.statistics(history, shared)
         gain, shift = self.norm1.affine(mean, var, sources[0].dtype)
 

@@ -69,9 +69,9 @@ class Norm(nnx.Module):
             else None
         )
 
-    def __call__(self, x: Array) -> Array:
-        """Maps (..., C) to (..., C)."""
-        return x if self.batch is None else self.batch(x)
+    def __call__(self, x: Array, moments: tuple | None = None) -> Array:
+        """Maps (..., C) to (..., C); `moments` as in `layers.BatchNorm`."""
+        return x if self.batch is None else self.batch(x, moments)
 
 
 def parse_transform(transform: str) -> tuple[bool, str | None]:
@@ -218,13 +218,7 @@ class DNLLayer(nnx.Module):
         """
         act = layers.get_activation(self.activation)
         scale = history_scale(self.c0, self.index - 1, self.growth_rate, self.h)
-        norm = self.norm1.batch
-        if moments is None or norm is None:
-            u = act(self.norm1(history))
-        else:
-            gain, shift = norm.affine(*norm.statistics(history, moments), history.dtype)
-            u = act(history * gain + shift)
-        u = u * scale.astype(history.dtype)
+        u = act(self.norm1(history, moments)) * scale.astype(history.dtype)
         if self.bottleneck:
             u = self.dropout(self.aggregate(u))
             u = act(self.norm2(u))
@@ -284,17 +278,14 @@ class DNLBlock(nnx.Module):
         """Maps (batch, H, W, c0) to (batch, H, W, c0 + N k)."""
         norm = self.layers[0].norm1.batch  # any: each reduces over the same axes
         shared = self.implementation == "shared" and norm is not None
-        if not shared or norm.use_running_average:
-            history = x0
-            for layer in self.layers:
-                history = jnp.concatenate([history, layer(history)], axis=-1)
-            return history
-        sources, moments = [x0], [norm.moments(x0)]
+        shared = shared and not norm.use_running_average
+        sources, moments = [x0], [norm.moments(x0)] if shared else None
         for layer in self.layers:
-            given = tuple(jnp.concatenate(m) for m in zip(*moments, strict=True))
+            given = layers.joined_moments(moments) if shared else None
             y = layer(jnp.concatenate(sources, axis=-1), given)
             sources.append(y)
-            moments.append(norm.moments(y))
+            if shared:
+                moments.append(norm.moments(y))
         return jnp.concatenate(sources, axis=-1)
 
 

@@ -161,9 +161,10 @@ class BatchNorm(nnx.Module):
         dtype = self.dtype or dtype
         return gain.astype(dtype), shift.astype(dtype)
 
-    def __call__(self, x: Array) -> Array:
-        """Maps (..., C) to (..., C), normalised per channel."""
-        gain, shift = self.affine(*self.statistics(x), x.dtype)
+    def __call__(self, x: Array, moments: tuple[Array, Array] | None = None) -> Array:
+        """Maps (..., C) to (..., C), normalised per channel (`moments`: as in
+        `statistics`)."""
+        gain, shift = self.affine(*self.statistics(x, moments), x.dtype)
         return x * gain + shift
 
 
@@ -180,6 +181,12 @@ def batch_moments(x: Array, axis_name: str | None = None) -> tuple[Array, Array]
     # Across replicas the two moments travel in one collective.
     mean, mean_sq = jax.lax.pmean((mean, jnp.mean(jnp.square(x), axes)), axis_name)
     return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+
+
+def joined_moments(per_source) -> tuple[Array, Array]:
+    """[(mean_j, var_j)] of sources x_0, x_1, ... -> the (C,) mean and variance
+    of their channel concatenation (the moments are per channel)."""
+    return tuple(jnp.concatenate(m) for m in zip(*per_source, strict=True))
 
 
 def batch_norm(
