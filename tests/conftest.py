@@ -72,6 +72,33 @@ def checkpoints(shipped, monkeypatch, tmp_path):
     return copy
 
 
+def one_step(model, x, y) -> tuple:
+    """Loss, gradients and updated statistics of one train step of `model` on
+    (x, y), plus its eval logits after it; weights by per-layer path (a
+    scanned block's stacked ones unstacked)."""
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from dnl_zoo.models import layers
+
+    def loss_fn(model):
+        logits = model(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    model.train()
+    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
+    statistics = nnx.state(model, nnx.BatchStat)
+    model.eval()
+    logits = nnx.jit(lambda m, x: m(x))(model, x)
+
+    def per_layer(state):
+        flat = {".".join(map(str, k)): v[...] for k, v in nnx.to_flat_state(state)}
+        return {k: np.asarray(v) for k, v in layers.per_layer(model, flat).items()}
+
+    return float(loss), per_layer(grads), per_layer(statistics), np.asarray(logits)
+
+
 def assert_same_step(result: tuple, reference: tuple) -> None:
     """Two (loss, grads, statistics, eval logits) of one training step agree to
     float32 rounding: what every block implementation owes the plain one."""

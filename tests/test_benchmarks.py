@@ -4,16 +4,16 @@ import json
 
 from benchmarks import profile, run
 
+# A BC-10 on 4 images of 8x8, timed once: seconds per run, not figures.
+TOY = ["--depth=10", "--batch-size=4", "--image-size=8", "--steps=1"]
+
 
 def test_harness_smoke(tmp_path, capsys):
     out = tmp_path / "result.json"
     result = run.main(
         [
             "--models=bc100",
-            "--depth=10",
-            "--batch-size=4",
-            "--image-size=8",
-            "--steps=1",
+            *TOY,
             "--warmup=1",
             "--devices",
             "1",
@@ -55,9 +55,9 @@ def test_harness_smoke(tmp_path, capsys):
 
 
 def test_harness_names_rows_of_other_dtypes(capsys):
-    args = ["--models=bc100", "--depth=10", "--batch-size=4", "--image-size=8"]
-    args += ["--steps=1", "--warmup=0", "--devices", "1", "--implementations"]
-    args += ["lean", "--dtypes", "float32", "bfloat16", "--depths", "--no-torch"]
+    args = ["--models=bc100", *TOY, "--warmup=0", "--devices", "1"]
+    args += ["--implementations", "lean", "--dtypes", "float32", "bfloat16"]
+    args += ["--depths", "--no-torch"]
     speeds = run.main(args)["throughput"]["bc100"]["images_per_s"]
     assert speeds.keys() == {"dnl_zoo lean", "dnl_zoo lean bfloat16"}
     assert all(v > 0 for v in speeds.values())
@@ -69,17 +69,7 @@ def test_peak_resident_memory_of_one_step_in_a_fresh_process():
 
 def test_profile_smoke_splits_a_step_by_pass_and_kind(tmp_path, capsys):
     out = tmp_path / "profile.json"
-    result = profile.main(
-        [
-            "--depth=10",
-            "--batch-size=4",
-            "--image-size=8",
-            "--steps=1",
-            "--warmup=1",
-            "--devices=2",
-            f"--json={out}",
-        ]
-    )
+    result = profile.main([*TOY, "--warmup=1", "--devices=2", f"--json={out}"])
     assert "| backward | convolution |" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     kinds = {(row["pass"], row["kind"]) for row in saved["rows"]}

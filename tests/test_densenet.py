@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_same_step
+from conftest import assert_same_step, one_step
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
@@ -288,21 +288,7 @@ def _step(implementation: str, bottleneck: bool, x, y, dropout_rate: float = 0.0
         dropout_rate=dropout_rate,
         rngs=nnx.Rngs(0),
     )
-
-    def loss_fn(model):
-        logits = model(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
-    statistics = nnx.state(model, nnx.BatchStat)
-    model.eval()
-    logits = nnx.jit(lambda m, x: m(x))(model, x)
-
-    def per_layer(state):  # scan stores stacked weights: compare layer by layer
-        flat = {".".join(map(str, k)): v[...] for k, v in nnx.to_flat_state(state)}
-        return {k: np.asarray(v) for k, v in layers.per_layer(model, flat).items()}
-
-    return float(loss), per_layer(grads), per_layer(statistics), np.asarray(logits)
+    return one_step(model, x, y)  # scan's stacked weights compared per layer
 
 
 @pytest.mark.parametrize(

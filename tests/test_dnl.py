@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_same_step
+from conftest import assert_same_step, one_step
 from flax import nnx
 
 from dnl_zoo import depth
@@ -250,21 +250,7 @@ def _dnl_step(implementation: str, transform: str, bottleneck: bool, x, y):
         rngs=nnx.Rngs(0),
     )
     randomise(model, 3)
-    model.train()
-
-    def loss_fn(model):
-        logits = model(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    grads = {
-        layers.dotted_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)
-    }
-    stats = {
-        k: v for k, v in flat_arrays(model).items() if k.endswith((".mean", ".var"))
-    }
-    model.eval()
-    return float(loss), grads, stats, np.asarray(model(x))
+    return one_step(model, x, y)
 
 
 @pytest.mark.parametrize(
