@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dnl_zoo import hardware
+from dnl_zoo.errors import ActionableError
 from dnl_zoo.models import costs, registry
 
 
@@ -160,8 +161,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dnl_zoo import pretrained, train
 
     if args.name is not None:
-        if args.config or args.workdir:
-            raise ValueError("give a shipped NAME or --config and --workdir, not both")
+        if args.config or args.workdir or args.overrides:
+            raise ValueError(
+                "give a shipped NAME (with --data-dir, --batch-size) or --config "
+                "and --workdir (with --config.KEY=VALUE), not both"
+            )
         metrics = pretrained.evaluate(
             args.name, data_dir=args.data_dir, batch_size=args.batch_size
         )
@@ -384,7 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         hardware.use_cpu_cores()  # data parallel over the cores of a CPU
     try:
         return args.run(args)
-    except (LookupError, ValueError) as error:
+    except ActionableError as error:  # a run that could not go on
+        print(f"dnl-zoo {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except (LookupError, ValueError) as error:  # a bad name or value
         message = error.args[0] if isinstance(error, KeyError) else error
         print(f"dnl-zoo {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -62,6 +62,8 @@ import tqdm
 from PIL import Image
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
+from dnl_zoo.errors import ActionableError
+
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 _IN_MEMORY_BYTES = 2**30  # load_source reads splits below this into memory
 
@@ -123,7 +125,7 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(ActionableError, FileNotFoundError):
     """A dataset is not prepared in the data directory; the message says how to."""
 
 

@@ -44,11 +44,12 @@ from tqdm import tqdm
 
 from dnl_zoo import data as data_lib
 from dnl_zoo import depth, hardware, pretrained
+from dnl_zoo.errors import ActionableError
 from dnl_zoo.models import layers, registry
 from dnl_zoo.models.dnl import DNLNet
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(ActionableError, FloatingPointError):
     """Raised when the training loss stops being finite; names the step."""
 
 
@@ -380,11 +381,11 @@ def restore(manager, step: int, like) -> tuple[object, dict]:
     return _from_saveable(restored["state"], like), restored["meta"]
 
 
-class CheckpointDamagedError(RuntimeError):
+class CheckpointDamagedError(ActionableError, RuntimeError):
     """Raised when a training checkpoint is truncated or altered."""
 
 
-class CheckpointLayoutError(RuntimeError):
+class CheckpointLayoutError(ActionableError, RuntimeError):
     """Raised when a checkpoint was written by a config of another state layout."""
 
 
@@ -445,7 +446,7 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-class WorkdirBusyError(RuntimeError):
+class WorkdirBusyError(ActionableError, RuntimeError):
     """Raised when another live run holds the workdir."""
 
 

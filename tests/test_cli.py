@@ -33,3 +33,18 @@ def test_unknown_model_is_a_readable_error(capsys):
     assert cli.main(["summary", "densenet12"]) == 2
     err = capsys.readouterr().err
     assert "no model named 'densenet12'; did you mean densenet121" in err
+
+
+def test_a_run_that_cannot_go_on_is_one_line_without_traceback(tmp_path, capsys):
+    argv = ["eval", "dnl_conv_n1", "--data-dir", str(tmp_path)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dnl-zoo eval: error: fashion_mnist is not prepared in")
+    assert "dnl-zoo data prepare fashion_mnist" in err
+    assert "Traceback" not in err
+
+
+def test_eval_of_a_shipped_name_refuses_config_overrides(capsys):
+    argv = ["eval", "dnl_conv_n1", "--config.dataset.data_dir=/elsewhere"]
+    assert cli.main(argv) == 2
+    assert "not both" in capsys.readouterr().err
