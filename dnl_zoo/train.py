@@ -802,12 +802,15 @@ def _loop(run: _Run, state, start: int) -> dict:
     with RunClock() as clock:
         run_start = clock.now()
         window_start, window_images, result = run_start, 0, {}
+        if start < total:
+            batch = trainer.place_batch(train_loader.batch(start))
         for step in range(start, total):
-            batch = trainer.place_batch(train_loader.batch(step))
             if step == start:
                 log.info(f"compiling the train step (step {step + 1})...")
                 compile_start = clock.now()
             state, metrics = trainer.train_step(state, batch)
+            if step + 1 < total:  # the host prepares it while the step runs
+                batch = trainer.place_batch(train_loader.batch(step + 1))
             loss = float(np.asarray(metrics["loss"]).ravel()[0])
             if step == start:
                 log.info(f"compiled and ran in {clock.now() - compile_start:.1f} s")
