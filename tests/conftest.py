@@ -114,3 +114,23 @@ def assert_same_step(result: tuple, reference: tuple) -> None:
     for key, expected in stats0.items():
         np.testing.assert_allclose(stats[key], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(logits, logits0, rtol=1e-4, atol=1e-5)
+
+
+def gradient_temp_bytes(block, input_shape: tuple) -> int:
+    """XLA's temporary bytes of the compiled training gradient of `block`
+    (an NNX module in train mode) on float32 input of `input_shape`."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(block)
+
+    def step(state, x):
+        model = nnx.merge(graphdef, state)
+        model.train()
+        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+        return grads, nnx.state(model)
+
+    x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    compiled = jax.jit(step).lower(state, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes

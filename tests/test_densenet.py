@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_same_step, one_step
+from conftest import assert_same_step, gradient_temp_bytes, one_step
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
@@ -370,17 +370,7 @@ def _block_temp_bytes(implementation: str, num_layers: int) -> int:
         24, num_layers, 12, bottleneck=True, implementation=implementation,
         rngs=nnx.Rngs(0),
     )  # fmt: skip
-    graphdef, state = nnx.split(block)
-
-    def step(state, x):
-        model = nnx.merge(graphdef, state)
-        model.train()
-        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
-        return grads, nnx.state(model)
-
-    x = jax.ShapeDtypeStruct((16, 16, 16, 24), jnp.float32)
-    compiled = jax.jit(step).lower(state, x).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return gradient_temp_bytes(block, (16, 16, 16, 24))
 
 
 @pytest.mark.parametrize("implementation", ["lean", "scan"])

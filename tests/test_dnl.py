@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_same_step, one_step
+from conftest import assert_same_step, gradient_temp_bytes, one_step
 from flax import nnx
 
 from dnl_zoo import depth
 from dnl_zoo.models import layers
 from dnl_zoo.models.densenet import DenseNet
-from dnl_zoo.models.dnl import DNLNet, dnl_path, from_densenet
+from dnl_zoo.models.dnl import DNLBlock, DNLNet, dnl_path, from_densenet
 
 
 def randomise(model: nnx.Module, seed: int) -> None:
@@ -240,32 +240,54 @@ def test_norm_none_drops_every_norm_including_the_imagenet_stems():
     assert model(x).shape == (2, 10)
 
 
-def _dnl_step(implementation: str, transform: str, bottleneck: bool, x, y):
+def _dnl_step(implementation: str, x, y, **kwargs):
     """Loss, gradients, updated statistics and eval logits of one SGD step."""
-    model = DNLNet(
-        **SMALL,
-        transform=transform,
-        bottleneck=bottleneck,
-        implementation=implementation,
-        rngs=nnx.Rngs(0),
-    )
+    model = DNLNet(**SMALL, **kwargs, implementation=implementation, rngs=nnx.Rngs(0))
     randomise(model, 3)
     return one_step(model, x, y)
 
 
 @pytest.mark.parametrize(
-    "transform, bottleneck", [("local", False), ("local+dot_product", True)]
+    "implementation, kwargs",
+    [
+        ("shared", dict(transform="local")),
+        ("shared", dict(transform="local+dot_product", bottleneck=True)),
+        ("lean", dict(transform="local")),
+        ("lean", dict(transform="local+dot_product", bottleneck=True)),
+        ("lean", dict(transform="embedded_gaussian", pool=2, norm="none")),
+    ],
 )
-def test_shared_statistics_are_a_choice_of_computation_not_of_results(
-    transform, bottleneck
+def test_block_implementations_are_a_choice_of_computation_not_of_results(
+    implementation, kwargs
 ):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(6, 12, 12, 1)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 6))
-    reference = _dnl_step("plain", transform, bottleneck, x, y)
-    assert_same_step(_dnl_step("shared", transform, bottleneck, x, y), reference)
+    reference = _dnl_step("plain", x, y, **kwargs)
+    assert_same_step(_dnl_step(implementation, x, y, **kwargs), reference)
 
 
 def test_dnl_block_implementation_is_checked():
-    with pytest.raises(ValueError, match=r"one of \('plain', 'shared'\), got 'lean'"):
-        DNLNet(**SMALL, implementation="lean", rngs=nnx.Rngs(0))
+    expected = r"one of \('plain', 'shared', 'lean'\), got 'scan'"
+    with pytest.raises(ValueError, match=expected):
+        DNLNet(**SMALL, implementation="scan", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="'lean' runs without dropout"):
+        DNLNet(**SMALL, implementation="lean", dropout_rate=0.1, rngs=nnx.Rngs(0))
+
+
+def _dnl_block_temp_bytes(implementation: str, num_layers: int, transform: str):
+    """XLA's temporary bytes of one DNL block's training gradient."""
+    block = DNLBlock(
+        24, num_layers, 12, transform=transform, implementation=implementation,
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    return gradient_temp_bytes(block, (16, 16, 16, 24))
+
+
+@pytest.mark.parametrize("transform", ["local", "local+embedded_gaussian"])
+def test_lean_dnl_blocks_keep_xla_memory_linear_in_depth(transform):
+    plain = _dnl_block_temp_bytes("plain", 16, transform)
+    lean = _dnl_block_temp_bytes("lean", 16, transform)
+    print(f"16-layer {transform} DNL block, XLA temp bytes lean / plain: ", end="")
+    print(f"{lean / plain:.2f}")
+    assert lean < 0.4 * plain, (lean, plain)

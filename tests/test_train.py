@@ -14,10 +14,12 @@ from flax import nnx
 from dnl_zoo import config as config_lib
 from dnl_zoo import train
 from dnl_zoo.models.densenet import DenseNet
+from dnl_zoo.models.dnl import DNLNet
 
 
-def tiny_model(implementation: str = "plain") -> DenseNet:
-    return DenseNet(
+def tiny_model(implementation: str = "plain", family: str = "densenet"):
+    network = DenseNet if family == "densenet" else DNLNet
+    return network(
         block_config=(2, 2),
         growth_rate=4,
         num_init_features=8,
@@ -36,10 +38,10 @@ def synthetic_batch(step: int, size: int = 16) -> dict:
     return {"image": images, "label": labels}
 
 
-def run(parallelism: str, devices: list, steps: int = 10, implementation="plain"):
+def run(parallelism, devices, steps=10, implementation="plain", family="densenet"):
     config = config_lib.base_config()
     config.parallelism = parallelism
-    model = tiny_model(implementation)
+    model = tiny_model(implementation, family)
     if parallelism == "pmap":
         train._set_batch_norm_axis(model, "data")
     optimizer = nnx.Optimizer(model, optax.sgd(0.05, momentum=0.9), wrt=nnx.Param)
@@ -69,11 +71,16 @@ def test_sharded_and_pmap_training_equal_one_device():
     assert reference[-1] < reference[0]
 
 
-@pytest.mark.parametrize("implementation", ["lean", "scan"])
-def test_recomputing_blocks_train_under_pmap_like_plain_on_one_device(implementation):
+@pytest.mark.parametrize(
+    "family, implementation",
+    [("densenet", "lean"), ("densenet", "scan"), ("dnl", "lean")],
+)
+def test_recomputing_blocks_train_under_pmap_like_plain_on_one_device(
+    family, implementation
+):
     # Their custom VJPs take batch statistics over the pmap axis like BatchNorm.
-    reference, _ = run("jit", jax.devices()[:1])
-    losses, _ = run("pmap", jax.devices(), implementation=implementation)
+    reference, _ = run("jit", jax.devices()[:1], family=family)
+    losses, _ = run("pmap", jax.devices(), implementation=implementation, family=family)
     np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-5)
 
 

@@ -82,21 +82,6 @@ def _conv3x3_backward(saved, dy):
 _conv3x3_in_loop.defvjp(_conv3x3_forward, _conv3x3_backward)
 
 
-def _after(weights, dy: Array):
-    """`weights` plus a zero that XLA can only know after `dy` exists.
-
-    A recomputation in the backward pass must not be merged with the forward
-    computation it repeats (which would keep the forward's activations alive,
-    the memory it exists to save) nor run before the gradient arrives. XLA's
-    CPU pipeline drops `optimization_barrier` before it schedules, so the
-    recomputation reads weights that depend on one element of `dy` instead:
-    x * 0 is not folded for floats, and the values are unchanged (a non-finite
-    gradient is non-finite either way).
-    """
-    zero = dy.reshape(-1)[0] * 0
-    return jax.tree.map(lambda w: w + zero.astype(w.dtype), weights)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def lean_read(activation: str, sources, gain, shift, kernel) -> Array:
     """conv(act(concat(sources) * gain + shift), kernel), keeping only its inputs.
@@ -117,7 +102,7 @@ def _lean_read_forward(activation, sources, gain, shift, kernel):
 
 
 def _lean_read_backward(activation, saved, dy):
-    sources, (gain, shift, kernel) = saved[0], _after(saved[1:], dy)
+    sources, (gain, shift, kernel) = saved[0], layers.after(saved[1:], dy)
     x = jnp.concatenate(sources, axis=-1)
     a, activation_vjp = jax.vjp(layers.get_activation(activation), x * gain + shift)
     (da,) = jax.linear_transpose(lambda a: _conv(a, kernel), a)(dy)
@@ -196,14 +181,6 @@ def _lean_block_forward(spec, x0, weights):
     return (history, tuple(used)), (history, weights, layers.joined_moments(moments))
 
 
-def _with_moment_grads(spec, x: Array, dx: Array, dmoments: tuple) -> Array:
-    """dx plus the gradient that reaches source x (batch, H, W, c) through its
-    own batch moments, whose gradients `dmoments` ((c,), (c,)) every later
-    layer has added to."""
-    _, moments_vjp = jax.vjp(lambda x: layers.batch_moments(x, spec.axis_name), x)
-    return dx + moments_vjp(dmoments)[0].astype(dx.dtype)
-
-
 def _lean_block_backward(spec, saved, cotangents):
     history, weights, moments = saved
     grad = cotangents[0]  # the statistics only feed running averages
@@ -218,19 +195,23 @@ def _lean_block_backward(spec, saved, cotangents):
         width = c0 + n * k
         part = tuple(m[width : width + k] for m in dmoments)
         x_new = history[..., width : width + k]
-        dy = _with_moment_grads(spec, x_new, grad[..., width : width + k], part)
+        dy = layers.with_moment_grads(
+            x_new, grad[..., width : width + k], part, spec.axis_name
+        )
         # A slice at a start XLA cannot see (zero, from dy): a static slice of
         # the history would be folded into the forward's own concatenation of
         # x_0..x_{n-1}, keeping that alive instead.
-        start = _after(jnp.zeros((), jnp.int32), dy)
+        start = layers.after(jnp.zeros((), jnp.int32), dy)
         x = jax.lax.dynamic_slice_in_dim(history, start, width, axis=3)
-        w, m = _after((weights[n], tuple(m[:width] for m in moments)), dy)
+        w, m = layers.after((weights[n], tuple(m[:width] for m in moments)), dy)
         _, layer_vjp = jax.vjp(lambda x, w, m: _layer(spec, w, x, m)[0], x, w, m)
         dx, dweights[n], dm = layer_vjp(dy)
         grad = grad.at[..., :width].add(dx.astype(grad.dtype))
         dmoments = tuple(d.at[:width].add(e) for d, e in zip(dmoments, dm, strict=True))
     part = tuple(m[:c0] for m in dmoments)
-    dx0 = _with_moment_grads(spec, history[..., :c0], grad[..., :c0], part)
+    dx0 = layers.with_moment_grads(
+        history[..., :c0], grad[..., :c0], part, spec.axis_name
+    )
     return dx0, tuple(dweights)
 
 
@@ -542,7 +523,9 @@ def _scanned_backward(spec, saved, cotangents):
             return jax.lax.dynamic_slice_in_dim(a, spec.channels(n), k, axis)
 
         part = tuple(new(d, 0) for d in dmoments)
-        dy = _with_moment_grads(spec.layer, new(history, 3), new(grad, 3), part)
+        dy = layers.with_moment_grads(
+            new(history, 3), new(grad, 3), part, spec.layer.axis_name
+        )
 
         def layer(x, w, m):
             w = _masked(spec, n, w)
@@ -558,9 +541,10 @@ def _scanned_backward(spec, saved, cotangents):
     (grad, dmoments), dweights = jax.lax.scan(step, carry, steps, reverse=True)
     c0 = spec.in_channels
     part = tuple(d[:c0] for d in dmoments)
-    return _with_moment_grads(
-        spec.layer, history[..., :c0], grad[..., :c0], part
-    ), dweights
+    dx0 = layers.with_moment_grads(
+        history[..., :c0], grad[..., :c0], part, spec.layer.axis_name
+    )
+    return dx0, dweights
 
 
 scanned_block.defvjp(_scanned_forward, _scanned_backward)

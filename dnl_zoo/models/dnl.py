@@ -18,6 +18,8 @@ The transform K is 'local' (3x3 convolution), a non-local kernel of
 Transitions and the classifier read the whole history with the same weighting.
 """
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -225,7 +227,105 @@ class DNLLayer(nnx.Module):
         return self.dropout(self.transform(u))
 
 
-IMPLEMENTATIONS = ("plain", "shared")
+def _apply(graphdef, params, rest, history: Array, moments):
+    """A DNL layer as a pure function: (y (batch, H, W, k), its new state)."""
+    layer = nnx.merge(graphdef, params, rest)
+    y = layer(history, moments)
+    return y, nnx.state(layer, nnx.Not(nnx.Param))
+
+
+def _zero_cotangent(x):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeanSpec:
+    """What a lean DNL block computes besides its arrays (hashable, for jit)."""
+
+    graphdefs: tuple  # one nnx.GraphDef per layer
+    axis_name: str | None  # of the batch moments (a pmap axis), if any
+    batch_norm: bool  # False for norm='none': no moments at all
+    c0: int
+    growth_rate: int  # k
+
+    def moments(self, x: Array):
+        """(mean, var) of x (batch, H, W, c) per channel, or None."""
+        return layers.batch_moments(x, self.axis_name) if self.batch_norm else None
+
+    def joined(self, moments: list):
+        return layers.joined_moments(moments) if self.batch_norm else None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def lean_block(spec: _LeanSpec, x0: Array, params: tuple, rests: tuple):
+    """A DNL block in train mode whose backward pass keeps only its history.
+
+    Maps x0 (batch, H, W, c0) and each layer's parameters and other state
+    (`nnx.split(layer, nnx.Param, ...)`) to the history (batch, H, W, c0 + N k)
+    and each layer's new state (running statistics). Each source's batch
+    moments are taken once, as in 'shared'. The backward pass walks the layers
+    in reverse, recomputes each from its slice of the history, and adds its
+    sources' gradients into one buffer: memory linear in depth, the (HW x HW)
+    affinities of non-local transforms included, for one extra forward pass.
+    """
+    return _lean_forward(spec, x0, params, rests)[0]
+
+
+def _lean_forward(spec, x0, params, rests):
+    sources, moments, new_rests = [x0], [spec.moments(x0)], []
+    for graphdef, p, rest in zip(spec.graphdefs, params, rests, strict=True):
+        history = jnp.concatenate(sources, axis=-1)
+        y, rest = _apply(graphdef, p, rest, history, spec.joined(moments))
+        new_rests.append(rest)
+        sources.append(y)
+        moments.append(spec.moments(y))
+    history = jnp.concatenate(sources, axis=-1)
+    return (history, tuple(new_rests)), (history, params, rests, spec.joined(moments))
+
+
+def _lean_backward(spec, saved, cotangents):
+    history, params, rests, moments = saved
+    grad = cotangents[0]  # the new state only feeds running averages
+    dmoments = moments and tuple(jnp.zeros_like(m) for m in moments)
+    dparams = [None] * len(params)
+    for n in reversed(range(len(params))):
+        width, k = spec.c0 + n * spec.growth_rate, spec.growth_rate
+        dy = grad[..., width : width + k]
+        if dmoments:
+            part = tuple(d[width : width + k] for d in dmoments)
+            x_new = history[..., width : width + k]
+            dy = layers.with_moment_grads(x_new, dy, part, spec.axis_name)
+        # A slice at a start XLA cannot see (zero, from dy), so that it is not
+        # folded into the forward's concatenation (see layers.after).
+        start = layers.after(jnp.zeros((), jnp.int32), dy)
+        x = jax.lax.dynamic_slice_in_dim(history, start, width, axis=3)
+        m = moments and tuple(m[:width] for m in moments)
+        p, m = layers.after((params[n], m), dy)
+
+        def layer(x, p, rest, m, graphdef=spec.graphdefs[n]):
+            return _apply(graphdef, p, rest, x, m)[0]
+
+        _, layer_vjp = jax.vjp(layer, x, p, rests[n], m)
+        dx, dparams[n], _, dm = layer_vjp(dy)
+        grad = grad.at[..., :width].add(dx.astype(grad.dtype))
+        if dmoments:
+            dmoments = tuple(
+                d.at[:width].add(e) for d, e in zip(dmoments, dm, strict=True)
+            )
+    dx0 = grad[..., : spec.c0]
+    if dmoments:
+        part = tuple(d[: spec.c0] for d in dmoments)
+        x0 = history[..., : spec.c0]
+        dx0 = layers.with_moment_grads(x0, dx0, part, spec.axis_name)
+    return dx0, tuple(dparams), jax.tree.map(_zero_cotangent, rests)
+
+
+lean_block.defvjp(_lean_forward, _lean_backward)
+
+
+IMPLEMENTATIONS = ("plain", "shared", "lean")
 
 
 class DNLBlock(nnx.Module):
@@ -235,7 +335,11 @@ class DNLBlock(nnx.Module):
     gradients to float32 rounding): 'plain' lets every layer take the batch
     statistics of its whole input (quadratic in depth); 'shared' computes each
     source's once and shares them between the layers that read it, as
-    DenseNet's 'shared' block does.
+    DenseNet's 'shared' block does; 'lean' shares them too, and in training
+    the block is one custom VJP (`lean_block`) whose backward pass keeps only
+    the history and recomputes each layer: activation memory linear in depth
+    (non-local affinities included) for one extra forward pass. 'lean' takes
+    no dropout.
     """
 
     def __init__(
@@ -254,6 +358,11 @@ class DNLBlock(nnx.Module):
             raise ValueError(
                 f"a DNL block's implementation must be one of {IMPLEMENTATIONS}, "
                 f"got {implementation!r}"
+            )
+        if implementation == "lean" and layer_kwargs.get("dropout_rate", 0.0) > 0:
+            raise ValueError(
+                "a DNL block with implementation='lean' runs without dropout; use "
+                "'shared' with dropout_rate > 0"
             )
         self.implementation = implementation
         self.c0, self.num_layers, self.growth_rate = c0, num_layers, growth_rate
@@ -277,6 +386,9 @@ class DNLBlock(nnx.Module):
     def __call__(self, x0: Array) -> Array:
         """Maps (batch, H, W, c0) to (batch, H, W, c0 + N k)."""
         norm = self.layers[0].norm1.batch  # any: each reduces over the same axes
+        train = norm is None or not norm.use_running_average
+        if self.implementation == "lean" and train:
+            return self._lean(x0)
         shared = self.implementation == "shared" and norm is not None
         shared = shared and not norm.use_running_average
         sources, moments = [x0], [norm.moments(x0)] if shared else None
@@ -287,6 +399,24 @@ class DNLBlock(nnx.Module):
             if shared:
                 moments.append(norm.moments(y))
         return jnp.concatenate(sources, axis=-1)
+
+    def _lean(self, x0: Array) -> Array:
+        """Train mode through `lean_block`; updates the running statistics."""
+        norm = self.layers[0].norm1.batch
+        graphdefs, params, rests = zip(
+            *(nnx.split(layer, nnx.Param, ...) for layer in self.layers), strict=True
+        )
+        spec = _LeanSpec(
+            graphdefs=graphdefs,
+            axis_name=None if norm is None else norm.axis_name,
+            batch_norm=norm is not None,
+            c0=self.c0,
+            growth_rate=self.growth_rate,
+        )
+        history, rests = lean_block(spec, x0, params, rests)
+        for layer, rest in zip(self.layers, rests, strict=True):
+            nnx.update(layer, rest)
+        return history
 
 
 class DNLTransition(nnx.Module):
@@ -342,8 +472,9 @@ class DNLNet(nnx.Module):
       transition_features: channels out of every transition. None keeps
         DenseNet's floor(theta * C), which grows with depth; depth transfer
         needs a fixed width, so the depth-sweep presets set it.
-      implementation: how blocks take their batch statistics ('plain' or
-        'shared'; see DNLBlock); the same weights and results either way.
+      implementation: how blocks take their batch statistics and what their
+        backward pass keeps ('plain', 'shared' or 'lean'; see DNLBlock); the
+        same weights and results either way.
     """
 
     def __init__(

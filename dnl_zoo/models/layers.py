@@ -189,6 +189,29 @@ def joined_moments(per_source) -> tuple[Array, Array]:
     return tuple(jnp.concatenate(m) for m in zip(*per_source, strict=True))
 
 
+def after(weights, dy: Array):
+    """`weights` plus a zero that XLA can only know after `dy` exists.
+
+    A recomputation in the backward pass must not be merged with the forward
+    computation it repeats (which would keep the forward's activations alive,
+    the memory it exists to save) nor run before the gradient arrives. XLA's
+    CPU pipeline drops `optimization_barrier` before it schedules, so the
+    recomputation reads weights that depend on one element of `dy` instead:
+    x * 0 is not folded for floats, and the values are unchanged (a non-finite
+    gradient is non-finite either way).
+    """
+    zero = dy.reshape(-1)[0] * 0
+    return jax.tree.map(lambda w: w + zero.astype(w.dtype), weights)
+
+
+def with_moment_grads(x: Array, dx: Array, dmoments: tuple, axis_name=None) -> Array:
+    """dx plus the gradient that reaches source x (batch, H, W, c) through its
+    own batch moments, whose gradients `dmoments` ((c,), (c,)) every later
+    layer has added to (a recomputing block's backward pass)."""
+    _, moments_vjp = jax.vjp(lambda x: batch_moments(x, axis_name), x)
+    return dx + moments_vjp(dmoments)[0].astype(dx.dtype)
+
+
 def batch_norm(
     num_features: int,
     *,
