@@ -16,6 +16,9 @@ Measures, side by side and in the same run:
   seconds, XLA's temporary bytes of the compiled training step
   (`memory_analysis().temp_size_in_bytes`), and the peak resident memory of a
   fresh process that compiles and runs that one step (the JAX runtime included);
+- with --dnl NAME ...: for each registered dense non-local (DNL) network named
+  and each block implementation, compile seconds, XLA's temporary bytes and
+  images/s of its training step (28x28x1, batch --dnl-batch-size);
 - a 1x1 convolution as `conv_general_dilated` and as a matrix product.
 It prints Markdown tables with ratios and writes the same as JSON. Numbers are
 for this machine only; compare them within one run.
@@ -38,7 +41,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dnl_zoo import hardware
+from dnl_zoo.models import registry
 from dnl_zoo.models.densenet import IMPLEMENTATIONS, DenseNet, cifar_block_config
+from dnl_zoo.models.dnl import IMPLEMENTATIONS as DNL_IMPLEMENTATIONS
 
 
 def cifar_bc(depth: int, growth_rate: int = 12) -> dict:
@@ -75,6 +80,11 @@ def build_jax(arch: dict, classes: int, implementation: str, dtype=None):
         implementation=implementation,
         rngs=nnx.Rngs(0),
     )
+    return train_step(model)
+
+
+def train_step(model: nnx.Module):
+    """`model`'s jitted SGD-with-momentum training step and its state."""
     optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
 
@@ -100,9 +110,10 @@ def _dtype(name: str):
     return None if name == "float32" else jnp.dtype(name)
 
 
-def _inputs(batch: int, size: int, classes: int):
+def _inputs(batch: int, size: int, classes: int, channels: int = 3):
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
+    images = rng.normal(size=(batch, size, size, channels))
+    images = jnp.asarray(images, jnp.float32)
     return images, jnp.asarray(rng.integers(0, classes, batch), jnp.int32)
 
 
@@ -170,6 +181,37 @@ def time_jax(
         jax.block_until_ready(loss)
 
     return _step_times(run_step, steps, warmup)
+
+
+def dnl_stats(name: str, implementation: str, args) -> dict:
+    """Compile seconds, XLA temporary bytes and images/s of the training step
+    of the registered DNL network `name` (Fashion-MNIST sized), data parallel
+    over the most --devices."""
+    model = registry.create_model(name, implementation=implementation)
+    step, state = train_step(model)
+    size, _, channels = registry.model_info(name)["input_size"]
+    batch = args.dnl_batch_size
+    images, labels = _inputs(batch, size, 10, channels)
+    start = time.perf_counter()
+    compiled = step.lower(state, images, labels).compile()
+    seconds = time.perf_counter() - start
+    devices = max(args.devices)
+    state, images, labels = _data_parallel(state, images, labels, devices)
+    carry = [state]
+
+    def run_step():
+        carry[0], loss = step(carry[0], images, labels)
+        jax.block_until_ready(loss)
+
+    times = _step_times(run_step, args.steps, args.warmup)
+    return {
+        "model": name,
+        "implementation": implementation,
+        "devices": devices,
+        "compile_s": seconds,
+        "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+        "images_per_s": batch / statistics.median(times),
+    }
 
 
 def time_torch(arch, classes, batch, size, channels_last, steps, warmup):
@@ -270,6 +312,12 @@ def run(args: argparse.Namespace) -> dict:
                 row["peak_rss_bytes"] = peak_rss(depth, batch, size, impl)
             result["depths"].append(row)
     result["memory_batch_size"], result["memory_image_size"] = batch, size
+    result["dnl_batch_size"] = args.dnl_batch_size
+    result["dnl"] = [
+        dnl_stats(name, impl, args)
+        for name in args.dnl
+        for impl in args.dnl_implementations
+    ]
     result["pointwise_gflops"] = time_pointwise(
         args.memory_batch_size, args.memory_image_size, args.steps, args.warmup
     )
@@ -290,6 +338,31 @@ def _throughput_table(name: str, entry: dict) -> list[str]:
     for key, value in speeds.items():
         ratios = "".join(f" {value / speeds[t]:.2f}x |" for t in torch_names)
         lines.append(f"| {key} | {value:.1f} |{ratios}")
+    return lines + [""]
+
+
+def _dnl_table(result: dict) -> list[str]:
+    rows = result.get("dnl")
+    if not rows:
+        return []
+    lines = [
+        f"DNL training step, batch {result['dnl_batch_size']}, 28x28x1, on "
+        f"{rows[0]['devices']} device(s):",
+        "",
+        "| model | implementation | compile s | XLA temp MiB | vs plain "
+        "| images/s | vs plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    plain = {r["model"]: r for r in rows if r["implementation"] == "plain"}
+    for r in rows:
+        base = plain.get(r["model"])
+        memory = f"{r['temp_bytes'] / base['temp_bytes']:.2f}x" if base else "-"
+        speed = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
+        lines.append(
+            f"| {r['model']} | {r['implementation']} | {r['compile_s']:.1f} | "
+            f"{_mib(r['temp_bytes'])} | {memory} | {r['images_per_s']:.1f} | "
+            f"{speed} |"
+        )
     return lines + [""]
 
 
@@ -328,6 +401,7 @@ def table(result: dict) -> str:
                 f"{_mib(r.get('peak_rss_bytes'))} |"
             )
         lines.append("")
+    lines += _dnl_table(result)
     ops = result["pointwise_gflops"]
     lines += [
         "| 1x1 convolution 120 -> 48, forward and backward | GFLOP/s |",
@@ -372,6 +446,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--memory-batch-size", type=int, default=64)
     parser.add_argument("--memory-image-size", type=int, default=32)
+    parser.add_argument(
+        "--dnl",
+        nargs="*",
+        default=[],
+        help="registered DNL networks (e.g. dnl_conv_n16) to measure compile "
+        "time, XLA temporary bytes and speed of, for each --dnl-implementations",
+    )
+    parser.add_argument(
+        "--dnl-implementations", nargs="*", default=list(DNL_IMPLEMENTATIONS)
+    )
+    parser.add_argument("--dnl-batch-size", type=int, default=128)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-rss", action="store_true", help="skip peak RSS")
     parser.add_argument("--json", help="write the result here")

@@ -63,6 +63,19 @@ def test_harness_names_rows_of_other_dtypes(capsys):
     assert all(v > 0 for v in speeds.values())
 
 
+def test_harness_measures_dnl_blocks_per_implementation(capsys):
+    args = ["--models", "--depths", "--steps=1", "--warmup=0", "--devices", "2"]
+    args += ["--dnl", "dnl_conv_n1", "--dnl-implementations", "plain", "lean"]
+    rows = run.main([*args, "--dnl-batch-size=4"])["dnl"]
+    assert "| dnl_conv_n1 | lean |" in capsys.readouterr().out
+    assert [(r["model"], r["implementation"]) for r in rows] == [
+        ("dnl_conv_n1", "plain"),
+        ("dnl_conv_n1", "lean"),
+    ]
+    assert all(r["temp_bytes"] > 0 and r["images_per_s"] > 0 for r in rows)
+    assert all(r["devices"] == 2 for r in rows)
+
+
 def test_peak_resident_memory_of_one_step_in_a_fresh_process():
     assert run.peak_rss(10, 2, 8, "lean") > 50 * 2**20
 
