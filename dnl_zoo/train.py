@@ -864,4 +864,7 @@ def _loop(run: _Run, state, start: int) -> dict:
                 # Throughput counts training steps only, not evaluation or saving.
                 window_start, window_images = clock.now(), 0
     bar.close()
+    if start >= total:  # resumed a finished run: report its final metrics again
+        log.info(f"the run finished at step {total}; evaluating it")
+        result = {"step": total, **evaluate(trainer, state, eval_loader)}
     return result

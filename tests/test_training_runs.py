@@ -102,7 +102,10 @@ def test_damaged_checkpoint_is_a_clear_error_and_the_previous_restores(
     tmp_path, fashion_mnist_dir
 ):
     config = make_config(fashion_mnist_dir, num_train_steps=12)
-    train.train_and_evaluate(config, tmp_path)
+    finished = train.train_and_evaluate(config, tmp_path)
+    # Run again, a finished run reports the same final metrics.
+    assert train.train_and_evaluate(config, tmp_path) == finished
+    assert finished["step"] == 12 and finished["eval_top1"] > 0
     files = [p for p in (tmp_path / "checkpoints" / "12").rglob("*") if p.is_file()]
     largest = max(files, key=lambda p: p.stat().st_size)
     largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 3])
