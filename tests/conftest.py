@@ -11,20 +11,43 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ["KERAS_BACKEND"] = "numpy"
 
 
+import fcntl  # noqa: E402
+import json  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
 
+def built_once(tmp_path_factory, worker_id: str, name: str, build) -> pathlib.Path:
+    """The directory `name` that `build(directory)` fills once per test run.
+
+    pytest-xdist's workers share it: the first to come builds it under a lock
+    while the others wait, so work that takes half a minute is not done twice.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # the run's base, above each worker's own
+    directory, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            build(directory)
+            done.touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
-def fashion_mnist_dir(tmp_path_factory) -> str:
+def fashion_mnist_dir(tmp_path_factory, worker_id) -> str:
     """A TFDS data_dir with fashion_mnist built from Debian's IDX files, once."""
     from dnl_zoo import data
 
-    data_dir = tmp_path_factory.mktemp("tfds")
-    data.prepare("fashion_mnist", data.DEBIAN_FASHION_MNIST, str(data_dir))
-    return str(data_dir)
+    def build(data_dir):
+        data.prepare("fashion_mnist", data.DEBIAN_FASHION_MNIST, str(data_dir))
+
+    return str(built_once(tmp_path_factory, worker_id, "tfds", build))
 
 
 # A shipped checkpoint made the way scripts/train_ladder.sh makes the real ones:
@@ -49,18 +72,22 @@ def ladder_config(data_dir: str, steps: int = 12):
 
 
 @pytest.fixture(scope="session")
-def shipped(fashion_mnist_dir, tmp_path_factory):
+def shipped(fashion_mnist_dir, tmp_path_factory, worker_id):
     """(checkpoint root, manifest entry, config, workdir) of an exported run."""
     from dnl_zoo import pretrained, train
 
-    root = tmp_path_factory.mktemp("checkpoints")
-    workdir = tmp_path_factory.mktemp("run")
     config = ladder_config(fashion_mnist_dir)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DNL_ZOO_CHECKPOINTS", str(root))
-        train.train_and_evaluate(config, workdir)
-        entry = pretrained.export(NAME, config, workdir, config_file=CONFIG_FILE)
-    return root, entry, config, workdir
+
+    def build(directory):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("DNL_ZOO_CHECKPOINTS", str(directory / "checkpoints"))
+            train.train_and_evaluate(config, directory / "run")
+            pretrained.export(NAME, config, directory / "run", config_file=CONFIG_FILE)
+
+    directory = built_once(tmp_path_factory, worker_id, "shipped", build)
+    root = directory / "checkpoints"
+    entry = json.loads((root / "manifest.json").read_text())["models"][NAME]
+    return root, entry, config, directory / "run"
 
 
 @pytest.fixture

@@ -66,6 +66,7 @@ def test_harness_names_rows_of_other_dtypes(capsys):
 def test_harness_measures_dnl_blocks_per_implementation(capsys):
     args = ["--models", "--depths", "--steps=1", "--warmup=0", "--devices", "2"]
     args += ["--dnl", "dnl_conv_n1", "--dnl-implementations", "plain", "lean"]
+    args += ["--memory-batch-size=4", "--memory-image-size=8"]  # the 1x1 rows
     rows = run.main([*args, "--dnl-batch-size=4"])["dnl"]
     assert "| dnl_conv_n1 | lean |" in capsys.readouterr().out
     assert [(r["model"], r["implementation"]) for r in rows] == [
