@@ -32,21 +32,34 @@ def _millions(count: int) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """Prints a Markdown table of the registered models matching PATTERN."""
+    """Prints a Markdown table of the registered models matching PATTERN, with
+    the test top-1 of the weights shipped for them, if any."""
+    from dnl_zoo import pretrained
+
+    shipped = pretrained.manifest()
     names = registry.list_models(args.pattern)
+    if args.pretrained:
+        names = [name for name in names if name in shipped]
     if not names:
-        print(f"no model matches {args.pattern!r}; try 'dnl-zoo models'")
+        which = "shipped model" if args.pretrained else "model"
+        print(f"no {which} matches {args.pattern!r}; try 'dnl-zoo models'")
         return 1
-    print("| name | params | GFLOPs | input | reference |")
-    print("|---|---|---|---|---|")
+    print("| name | params | GFLOPs | input | reference | shipped weights |")
+    print("|---|---|---|---|---|---|")
     for name in names:
         info = registry.model_info(name)
         reference = info["reference"]
         cited = f"{reference['value']}% {reference['dataset']}" if reference else "-"
         size = "x".join(str(s) for s in info["input_size"])
+        entry = shipped.get(name)
+        weights = (
+            f"{entry['test']['eval_top1']}% {entry['dataset']['name']}"
+            if entry
+            else "-"
+        )
         print(
             f"| {name} | {_millions(info['params'])} | {info['flops'] / 1e9:.2f} "
-            f"| {size} | {cited} |"
+            f"| {size} | {cited} | {weights} |"
         )
     return 0
 
@@ -173,8 +186,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if not (args.config and args.workdir):
         raise ValueError(
-            "expected a shipped model NAME (dnl-zoo models lists them with a "
-            "pretrained mark) or both --config and --workdir"
+            "expected a shipped model NAME (dnl-zoo models --pretrained lists "
+            "them) or both --config and --workdir"
         )
     config = _experiment(args)
     if args.data_dir:
@@ -281,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list registered models")
     models.add_argument("pattern", nargs="?", help="a glob such as 'densenet_bc*'")
+    models.add_argument(
+        "--pretrained", action="store_true", help="only models with shipped weights"
+    )
     models.set_defaults(run=cmd_models)
 
     info = commands.add_parser("info", help="one model's metadata as JSON")

@@ -2,15 +2,25 @@
 
 import json
 
-from dnl_zoo import cli
+from dnl_zoo import cli, pretrained
 
 
 def test_models_lists_a_table_filtered_by_pattern(capsys):
     assert cli.main(["models", "densenet_bc*"]) == 0
     out = capsys.readouterr().out
     assert "| densenet_bc100_k12 | 0.77M |" in out
+    assert "| 95.49% cifar10 (standard augmentation) | - |" in out  # no weights
     assert "densenet121" not in out
     assert cli.main(["models", "nothing*"]) == 1
+
+
+def test_models_marks_and_filters_the_shipped_weights(capsys, monkeypatch):
+    monkeypatch.delenv("DNL_ZOO_CHECKPOINTS", raising=False)
+    assert cli.main(["models", "dnl_conv_n*", "--pretrained"]) == 0
+    out = capsys.readouterr().out
+    top1 = pretrained.manifest()["dnl_conv_n1"]["test"]["eval_top1"]
+    assert "| dnl_conv_n1 | 0.02M |" in out and f"| {top1}% fashion_mnist |" in out
+    assert "dnl_conv_n16" not in out  # registered, no weights shipped
 
 
 def test_info_prints_json_with_the_reference(capsys):
