@@ -34,7 +34,8 @@ data_dir=$(bash scripts/prepare_data.sh)
 
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
-  names=(dnl_conv_n1 dnl_conv_n2 dnl_conv_n4 dnl_nonlocal_n4 dnl_conv_n8
+  names=(dnl_conv_n1 dnl_conv_n2 dnl_conv_n4 dnl_conv_n8 dnl_nonlocal_n1
+    dnl_nonlocal_n2 dnl_nonlocal_n4 dnl_nonlocal_n8
     densenet_bc16_k12_fmnist densenet_bc22_k12_fmnist densenet_bc28_k12_fmnist
     densenet_bc40_k12_fmnist)
 fi
