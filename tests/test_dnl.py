@@ -284,10 +284,10 @@ def _dnl_block_temp_bytes(implementation: str, num_layers: int, transform: str):
     return gradient_temp_bytes(block, (16, 16, 16, 24))
 
 
-@pytest.mark.parametrize("transform", ["local", "local+embedded_gaussian"])
-def test_lean_dnl_blocks_keep_xla_memory_linear_in_depth(transform):
-    plain = _dnl_block_temp_bytes("plain", 16, transform)
-    lean = _dnl_block_temp_bytes("lean", 16, transform)
-    print(f"16-layer {transform} DNL block, XLA temp bytes lean / plain: ", end="")
-    print(f"{lean / plain:.2f}")
+def test_lean_dnl_blocks_keep_xla_memory_linear_in_depth():
+    # The local transform: a non-local one's affinities would hide a history
+    # that grew quadratically again (benchmarks.run --dnl measures those).
+    plain = _dnl_block_temp_bytes("plain", 16, "local")
+    lean = _dnl_block_temp_bytes("lean", 16, "local")
+    print(f"16-layer DNL block, XLA temp bytes lean / plain: {lean / plain:.2f}")
     assert lean < 0.4 * plain, (lean, plain)
