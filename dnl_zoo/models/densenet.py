@@ -184,35 +184,22 @@ def _lean_block_forward(spec, x0, weights):
 def _lean_block_backward(spec, saved, cotangents):
     history, weights, moments = saved
     grad = cotangents[0]  # the statistics only feed running averages
-    k = spec.growth_rate
-    c0 = history.shape[-1] - len(weights) * k
-    # Each source's moments are one function of it, shared by every later
-    # layer: their gradients add up here, and reach the source once, when its
-    # own layer is reached (linear in depth, as the forward's statistics).
-    dmoments = tuple(jnp.zeros_like(m) for m in moments)
-    dweights = [None] * len(weights)
-    for n in reversed(range(len(weights))):
-        width = c0 + n * k
-        part = tuple(m[width : width + k] for m in dmoments)
-        x_new = history[..., width : width + k]
-        dy = layers.with_moment_grads(
-            x_new, grad[..., width : width + k], part, spec.axis_name
-        )
-        # A slice at a start XLA cannot see (zero, from dy): a static slice of
-        # the history would be folded into the forward's own concatenation of
-        # x_0..x_{n-1}, keeping that alive instead.
-        start = layers.after(jnp.zeros((), jnp.int32), dy)
-        x = jax.lax.dynamic_slice_in_dim(history, start, width, axis=3)
-        w, m = layers.after((weights[n], tuple(m[:width] for m in moments)), dy)
-        _, layer_vjp = jax.vjp(lambda x, w, m: _layer(spec, w, x, m)[0], x, w, m)
-        dx, dweights[n], dm = layer_vjp(dy)
-        grad = grad.at[..., :width].add(dx.astype(grad.dtype))
-        dmoments = tuple(d.at[:width].add(e) for d, e in zip(dmoments, dm, strict=True))
-    part = tuple(m[:c0] for m in dmoments)
-    dx0 = layers.with_moment_grads(
-        history[..., :c0], grad[..., :c0], part, spec.axis_name
+    c0 = history.shape[-1] - len(weights) * spec.growth_rate
+
+    def layer_vjp(n, x, w, m, dy):
+        _, vjp = jax.vjp(lambda x, w, m: _layer(spec, w, x, m)[0], x, w, m)
+        return vjp(dy)
+
+    return layers.recomputed_backward(
+        history,
+        grad,
+        moments,
+        weights,
+        c0,
+        spec.growth_rate,
+        layer_vjp,
+        spec.axis_name,
     )
-    return dx0, tuple(dweights)
 
 
 lean_block.defvjp(_lean_block_forward, _lean_block_backward)

@@ -288,38 +288,26 @@ def _lean_forward(spec, x0, params, rests):
 def _lean_backward(spec, saved, cotangents):
     history, params, rests, moments = saved
     grad = cotangents[0]  # the new state only feeds running averages
-    dmoments = moments and tuple(jnp.zeros_like(m) for m in moments)
-    dparams = [None] * len(params)
-    for n in reversed(range(len(params))):
-        width, k = spec.c0 + n * spec.growth_rate, spec.growth_rate
-        dy = grad[..., width : width + k]
-        if dmoments:
-            part = tuple(d[width : width + k] for d in dmoments)
-            x_new = history[..., width : width + k]
-            dy = layers.with_moment_grads(x_new, dy, part, spec.axis_name)
-        # A slice at a start XLA cannot see (zero, from dy), so that it is not
-        # folded into the forward's concatenation (see layers.after).
-        start = layers.after(jnp.zeros((), jnp.int32), dy)
-        x = jax.lax.dynamic_slice_in_dim(history, start, width, axis=3)
-        m = moments and tuple(m[:width] for m in moments)
-        p, m = layers.after((params[n], m), dy)
 
-        def layer(x, p, rest, m, graphdef=spec.graphdefs[n]):
-            return _apply(graphdef, p, rest, x, m)[0]
+    def layer_vjp(n, x, p, m, dy):
+        def layer(x, p, rest, m):
+            return _apply(spec.graphdefs[n], p, rest, x, m)[0]
 
-        _, layer_vjp = jax.vjp(layer, x, p, rests[n], m)
-        dx, dparams[n], _, dm = layer_vjp(dy)
-        grad = grad.at[..., :width].add(dx.astype(grad.dtype))
-        if dmoments:
-            dmoments = tuple(
-                d.at[:width].add(e) for d, e in zip(dmoments, dm, strict=True)
-            )
-    dx0 = grad[..., : spec.c0]
-    if dmoments:
-        part = tuple(d[: spec.c0] for d in dmoments)
-        x0 = history[..., : spec.c0]
-        dx0 = layers.with_moment_grads(x0, dx0, part, spec.axis_name)
-    return dx0, tuple(dparams), jax.tree.map(_zero_cotangent, rests)
+        _, vjp = jax.vjp(layer, x, p, rests[n], m)
+        dx, dp, _, dm = vjp(dy)
+        return dx, dp, dm
+
+    dx0, dparams = layers.recomputed_backward(
+        history,
+        grad,
+        moments,
+        params,
+        spec.c0,
+        spec.growth_rate,
+        layer_vjp,
+        spec.axis_name,
+    )
+    return dx0, dparams, jax.tree.map(_zero_cotangent, rests)
 
 
 lean_block.defvjp(_lean_forward, _lean_backward)

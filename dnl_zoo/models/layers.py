@@ -212,6 +212,55 @@ def with_moment_grads(x: Array, dx: Array, dmoments: tuple, axis_name=None) -> A
     return dx + moments_vjp(dmoments)[0].astype(dx.dtype)
 
 
+def recomputed_backward(history, grad, moments, weights, c0, k, layer_vjp, axis_name):
+    """The backward pass of a dense block that kept only its history.
+
+    Walks the layers in reverse; layer n is recomputed from its input, the
+    history's first c0 + n k channels, by `layer_vjp(n, x, w, m, dy)` ->
+    (dx, dw, dm) (gradients of its input, weights `weights[n]` and input's
+    batch moments m, or None without BatchNorm), and the gradient it sends
+    to its sources is added into one buffer of the history's width.
+
+    Args:
+      history: (batch, H, W, c0 + N k), x_0..x_N.
+      grad: the history's gradient, same shape.
+      moments: ((C,), (C,)) batch moments of the history per channel, or None.
+
+    Returns:
+      (x_0's gradient (batch, H, W, c0), each layer's weight gradients).
+    """
+    # Each source's moments are one function of it, shared by every later
+    # layer: their gradients add up here, and reach the source once, when its
+    # own layer is reached (linear in depth, as the forward's statistics).
+    dmoments = moments and tuple(jnp.zeros_like(m) for m in moments)
+    dweights = [None] * len(weights)
+    for n in reversed(range(len(weights))):
+        width = c0 + n * k
+        dy = grad[..., width : width + k]
+        if dmoments:
+            part = tuple(d[width : width + k] for d in dmoments)
+            x_new = history[..., width : width + k]
+            dy = with_moment_grads(x_new, dy, part, axis_name)
+        # A slice at a start XLA cannot see (zero, from dy): a static slice of
+        # the history would be folded into the forward's own concatenation of
+        # x_0..x_{n-1}, keeping that alive instead.
+        start = after(jnp.zeros((), jnp.int32), dy)
+        x = jax.lax.dynamic_slice_in_dim(history, start, width, axis=3)
+        m = moments and tuple(m[:width] for m in moments)
+        w, m = after((weights[n], m), dy)
+        dx, dweights[n], dm = layer_vjp(n, x, w, m, dy)
+        grad = grad.at[..., :width].add(dx.astype(grad.dtype))
+        if dmoments:
+            dmoments = tuple(
+                d.at[:width].add(e) for d, e in zip(dmoments, dm, strict=True)
+            )
+    dx0 = grad[..., :c0]
+    if dmoments:
+        part = tuple(d[:c0] for d in dmoments)
+        dx0 = with_moment_grads(history[..., :c0], dx0, part, axis_name)
+    return dx0, tuple(dweights)
+
+
 def batch_norm(
     num_features: int,
     *,
