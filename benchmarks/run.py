@@ -122,6 +122,11 @@ def compile_stats(arch, classes, batch, size, implementation) -> dict:
     step, state = build_jax(arch, classes, implementation)
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return _compile(step, state, images, labels)
+
+
+def _compile(step, state, images, labels) -> dict:
+    """Compile seconds and XLA temporary bytes of `step` on those inputs."""
     start = time.perf_counter()
     compiled = step.lower(state, images, labels).compile()
     seconds = time.perf_counter() - start
@@ -173,6 +178,11 @@ def time_jax(
     """Step seconds of dnl_zoo's training step, data parallel over `devices`."""
     step, state = build_jax(arch, classes, implementation, dtype)
     images, labels = _inputs(batch, size, classes)
+    return _time_steps(step, state, images, labels, devices, steps, warmup)
+
+
+def _time_steps(step, state, images, labels, devices, steps, warmup):
+    """Seconds of each timed call of `step`, data parallel over `devices`."""
     state, images, labels = _data_parallel(state, images, labels, devices)
     carry = [state]
 
@@ -190,26 +200,17 @@ def dnl_stats(name: str, implementation: str, args) -> dict:
     model = registry.create_model(name, implementation=implementation)
     step, state = train_step(model)
     size, _, channels = registry.model_info(name)["input_size"]
-    batch = args.dnl_batch_size
+    batch, devices = args.dnl_batch_size, max(args.devices)
     images, labels = _inputs(batch, size, 10, channels)
-    start = time.perf_counter()
-    compiled = step.lower(state, images, labels).compile()
-    seconds = time.perf_counter() - start
-    devices = max(args.devices)
-    state, images, labels = _data_parallel(state, images, labels, devices)
-    carry = [state]
-
-    def run_step():
-        carry[0], loss = step(carry[0], images, labels)
-        jax.block_until_ready(loss)
-
-    times = _step_times(run_step, args.steps, args.warmup)
+    compiled = _compile(step, state, images, labels)
+    timing = (devices, args.steps, args.warmup)
+    times = _time_steps(step, state, images, labels, *timing)
     return {
         "model": name,
         "implementation": implementation,
+        "input_size": [size, size, channels],
         "devices": devices,
-        "compile_s": seconds,
-        "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+        **compiled,
         "images_per_s": batch / statistics.median(times),
     }
 
@@ -346,7 +347,8 @@ def _dnl_table(result: dict) -> list[str]:
     if not rows:
         return []
     lines = [
-        f"DNL training step, batch {result['dnl_batch_size']}, 28x28x1, on "
+        f"DNL training step, batch {result['dnl_batch_size']}, "
+        f"{'x'.join(map(str, rows[0]['input_size']))}, on "
         f"{rows[0]['devices']} device(s):",
         "",
         "| model | implementation | compile s | XLA temp MiB | vs plain "
